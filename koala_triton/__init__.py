@@ -1,0 +1,13 @@
+"""koala_triton: KOALA (Kalman Optimization Algorithm with Loss Adaptivity) for PyTorch.
+
+``KoalaV`` and ``KoalaM`` are ``torch.optim.Optimizer`` subclasses with a sync-free PyTorch
+path (any device) and fused Triton kernels (CUDA). Importing this package never imports
+triton.
+"""
+
+from ._dispatch import triton_available
+from ._version import __version__
+from .koala_m import KoalaM
+from .koala_v import KoalaV
+
+__all__ = ["KoalaV", "KoalaM", "triton_available", "__version__"]

@@ -1,0 +1,283 @@
+"""The ``torch.optim.Optimizer`` face shared by KoalaV and KoalaM.
+
+Owns what every KOALA variant needs: param-group validation, the one global filter (float64
+device scalars) and its checkpointing, the predict/update protocol, turning a loss into its
+mean and second moment on the device, and choosing the PyTorch or the Triton path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _dispatch, _filter, _validation
+from ._plan import StepPlan
+
+FLOAT = _filter.FLOAT
+
+#: Hyper-parameters that may differ between param groups; all others belong to the filter.
+GROUP_KEYS = ("lr", "weight_decay", "eps")
+
+
+class KoalaOptimizer(Optimizer):
+    """Base class: subclasses define ``_FILTER_KEYS``, ``_initial_filter``, ``_predict``,
+    ``_measure`` and, optionally, ``_init_param_state``."""
+
+    #: Names of the global (filter) hyper-parameters of the subclass.
+    _FILTER_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, params, *, lr, weight_decay, eps, hyper: dict, fused):
+        _validation.check_nonnegative("lr", lr)
+        defaults = dict(
+            lr=lr,
+            weight_decay=_validation.check_nonnegative("weight_decay", weight_decay),
+            eps=_validation.check_nonnegative("eps", eps),
+        )
+        self._device: torch.device | None = None
+        super().__init__(params, defaults)
+        self._hyper = dict(hyper)
+        self._fused_request = _validation.check_fused(fused)
+        self._use_triton = _dispatch.resolve(self._fused_request, self._device)
+        self._filter = _filter.new_filter(self._device, **self._initial_filter())
+        self._predicted = False
+        self._warned_implicit_predict = False
+        self._device_cache: dict = {}
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict) -> None:
+        for key in self._FILTER_KEYS:
+            if key in param_group:
+                raise ValueError(
+                    f"{key!r} is a hyper-parameter of KOALA's one global filter: set it on the "
+                    "optimizer, not per param group (only lr, weight_decay and eps may differ)"
+                )
+        for key in ("weight_decay", "eps"):
+            if key in param_group:
+                param_group[key] = _validation.check_nonnegative(key, param_group[key])
+        if "lr" in param_group:
+            _validation.check_nonnegative("lr", param_group["lr"])
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            _validation.check_param(p)
+            if self._device is None:
+                self._device = p.device
+            elif p.device != self._device:
+                raise ValueError(
+                    f"params: all parameters must be on one device (KOALA has one global filter); "
+                    f"found {self._device} and {p.device}"
+                )
+        param_group["params"] = params
+        super().add_param_group(param_group)
+        for p in params:
+            self._init_param_state(p)
+
+    def _init_param_state(self, p: Tensor) -> None:
+        """Create per-parameter state eagerly (none for KOALA-V)."""
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ public protocol
+    @property
+    def filter_state(self) -> dict[str, Tensor]:
+        """The global filter: live 0-dim float64 tensors (int64 counters ``step``, ``skipped_steps``).
+
+        Between ``predict()`` and the update they hold the prior; afterwards the posterior.
+        """
+        return self._filter
+
+    @property
+    def uses_triton(self) -> bool:
+        """True when steps run the fused Triton kernels, False for the PyTorch path."""
+        return self._use_triton
+
+    @torch.no_grad()
+    def predict(self) -> None:
+        """Time update (KOALA's predict): call before the forward pass of each iteration."""
+        self._predict()
+        self._predicted = True
+
+    def update(self, loss, loss_var=None):
+        """The official API: measurement update with the minibatch mean ``loss`` and
+        ``loss_var``, the mean of squared per-sample losses. Runs through ``step`` so optimizer
+        hooks and LR schedulers see a step."""
+        return self.step(loss=loss, loss_var=loss_var)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, loss=None, loss_var=None):
+        """One KOALA measurement update (and the predict before it, if not yet done).
+
+        Args:
+            closure: optional; re-evaluates the model under ``enable_grad`` and returns the
+                per-sample losses ``[B]`` or the mean loss ``[]``. ``step(closure)`` is a whole
+                iteration: predict (if needed), closure, update.
+            loss: without a closure, the per-sample losses ``[B]`` (mean and mean of squares
+                are taken on the device) or the mean loss (a 0-dim tensor or a float).
+            loss_var: with a scalar loss and adaptive R (``r=None``), the mean of the squared
+                per-sample losses.
+
+        Returns:
+            The closure's result, or ``loss`` as given.
+        """
+        if closure is not None:
+            if loss is not None:
+                raise ValueError("step(): pass either a closure or loss=..., not both")
+            if not self._predicted:
+                self.predict()
+            with torch.enable_grad():
+                result = closure()
+            if result is None:
+                raise ValueError("step(closure): the closure must return the loss (per-sample or mean)")
+            loss = result
+        else:
+            if loss is None:
+                raise ValueError(
+                    f"{type(self).__name__}.step() needs the loss: step(loss=per_sample_losses), "
+                    "update(loss, loss_var) or step(closure); KOALA's update is driven by the loss value"
+                )
+            result = loss
+            if not self._predicted:
+                self._implicit_predict()
+        mean, sq_mean = self._loss_moments(loss, loss_var)
+        self._measure(mean, sq_mean)
+        self._predicted = False
+        return result
+
+    def _implicit_predict(self) -> None:
+        self.predict()
+
+    # ------------------------------------------------------------------ losses
+    def _scalar(self, name: str, value) -> Tensor:
+        if isinstance(value, Tensor):
+            if value.is_complex() or not value.is_floating_point():
+                raise TypeError(f"{name} must be a real floating-point tensor, got {value.dtype}")
+            return value.detach().to(device=self._device, dtype=FLOAT)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a tensor or a float, got {type(value).__name__}")
+        # torch.full is a device fill (no host-to-device copy, no synchronisation).
+        return torch.full((), float(value), dtype=FLOAT, device=self._device)
+
+    def _loss_moments(self, loss, loss_var) -> tuple[Tensor, Tensor | None]:
+        adaptive = self._hyper["r"] is None
+        loss_t = self._scalar("loss", loss)
+        if loss_t.dim() == 1:
+            if loss_t.numel() == 0:
+                raise ValueError("loss: the per-sample loss vector is empty")
+            if loss_var is not None:
+                raise ValueError("loss_var must not be given with per-sample losses (it is computed from them)")
+            return loss_t.mean(), (loss_t * loss_t).mean() if adaptive else None
+        if loss_t.dim() != 0:
+            raise ValueError(f"loss must be a scalar or a 1-D tensor of per-sample losses, got shape {tuple(loss_t.shape)}")
+        if not adaptive:
+            return loss_t, None
+        if loss_var is None:
+            raise ValueError(
+                "loss_var is required with a scalar loss when R is estimated (r=None): pass the "
+                "per-sample losses as loss, or loss_var = mean of squared per-sample losses, or set r"
+            )
+        var_t = self._scalar("loss_var", loss_var)
+        if var_t.dim() != 0:
+            raise ValueError(f"loss_var must be a scalar, got shape {tuple(var_t.shape)}")
+        return loss_t, var_t
+
+    # ------------------------------------------------------------------ plan of a step
+    def _plan(self) -> StepPlan:
+        """Collect the tensors with a gradient (zero-weight-decay groups first) and their
+        per-tensor group values as device vectors, uploaded only when they change."""
+        plain, decayed = [], []
+        flat = 0
+        for gi, group in enumerate(self.param_groups):
+            target = plain if group["weight_decay"] == 0 else decayed
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    if p.grad.shape != p.shape:
+                        raise RuntimeError(f"grad of shape {tuple(p.grad.shape)} for a param of shape {tuple(p.shape)}")
+                    target.append((p, p.grad, gi, flat))
+                flat += 1
+        entries = plain + decayed
+        group_of = [e[2] for e in entries]
+        lr, wd, eps = self._group_vectors(group_of)
+        return StepPlan(
+            params=[e[0] for e in entries],
+            grads=[e[1] for e in entries],
+            indices=[e[3] for e in entries],
+            num_plain=len(plain),
+            decay=[self.param_groups[g]["weight_decay"] for g in group_of[len(plain):]],
+            lr=lr,
+            weight_decay=wd,
+            eps=eps,
+        )
+
+    def _upload(self, key, values: list[float]) -> Tensor:
+        """A float64 device vector of ``values``, cached while the values are unchanged."""
+        cached = self._device_cache.get(key)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        host = torch.tensor(values, dtype=FLOAT)
+        if self._device.type == "cuda":
+            host = host.pin_memory()
+        vec = host.to(self._device, non_blocking=True)
+        self._device_cache[key] = (list(values), vec)
+        return vec
+
+    def _group_vectors(self, group_of: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        groups = self.param_groups
+        wd = self._upload("weight_decay", [float(groups[g]["weight_decay"]) for g in group_of])
+        eps = self._upload("eps", [float(groups[g]["eps"]) for g in group_of])
+        lrs = [groups[g]["lr"] for g in group_of]
+        if any(isinstance(v, Tensor) for v in lrs):
+            # Tensor learning rates (e.g. for graph capture) stay on the device.
+            per_group = [
+                v.detach().to(device=self._device, dtype=FLOAT).reshape(())
+                if isinstance(v, Tensor)
+                else torch.full((), float(v), dtype=FLOAT, device=self._device)
+                for v in (groups[g]["lr"] for g in range(len(groups)))
+            ]
+            lr = torch.stack([per_group[g] for g in group_of]) if group_of else wd.new_zeros(0)
+        else:
+            lr = self._upload("lr", [float(v) for v in lrs])
+        return lr, wd, eps
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The usual ``Optimizer`` state dict plus a ``"koala"`` entry with the global filter
+        (float64, never cast to a parameter's dtype), the filter hyper-parameters and whether
+        a predict is pending."""
+        state = super().state_dict()
+        state["koala"] = {
+            "filter": {k: v.detach().clone() for k, v in self._filter.items()},
+            "hyper": dict(self._hyper),
+            "predicted": self._predicted,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        koala = state_dict.pop("koala", None)
+        if koala is None:
+            raise ValueError(f"state_dict has no 'koala' entry: it was not saved by {type(self).__name__}")
+        if set(koala["filter"]) != set(self._filter) or set(koala["hyper"]) != set(self._hyper):
+            raise ValueError(f"state_dict was saved by a different optimizer than {type(self).__name__}")
+        super().load_state_dict(state_dict)
+        for key, value in koala["filter"].items():
+            # copy_ into the existing tensors keeps their dtype (float64) and identity.
+            self._filter[key].copy_(value.to(self._filter[key].dtype))
+        self._hyper.update(koala["hyper"])
+        self._predicted = bool(koala["predicted"])
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _initial_filter(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _predict(self) -> None:
+        raise NotImplementedError
+
+    def _measure(self, loss: Tensor, loss_sq_mean: Tensor | None) -> None:
+        raise NotImplementedError
+

@@ -1,0 +1,86 @@
+"""KOALA-V: the vanilla KOALA optimizer (identity dynamics, isotropic covariance p·I)."""
+
+from __future__ import annotations
+
+from . import _filter, _torch_impl, _validation
+from ._optimizer import KoalaOptimizer
+
+
+class KoalaV(KoalaOptimizer):
+    r"""KOALA-V (Davtyan et al., AAAI 2022): a Kalman filter whose state is the weights.
+
+    Each iteration: :meth:`predict` (p̂ = p + q) before the forward pass, then a measurement
+    update with the loss (:meth:`step` / :meth:`update`). Every parameter tensor i with a
+    gradient (‖grad_i‖ >= eps) steps
+
+        x_i ← x_i − lr · L̃_i · p̂ / (p̂·‖g̃_i‖² + R) · g̃_i,   g̃_i = grad_i + wd·x_i,
+        L̃_i = L + ½·wd·‖x_i‖²,
+
+    and the one global filter contracts p ← p̂·R / (p̂·G + R), G the largest ‖g̃_i‖².
+
+    Args:
+        params: iterable of tensors or param-group dicts (groups may set lr, weight_decay, eps).
+        lr: fraction of the current loss the step aims to remove (target = (1 − lr)·L).
+        sigma: initial covariance p.
+        q: process noise added by each predict.
+        r: fixed measurement noise R, or None to estimate it as an EMA of the mean squared
+            per-sample loss with factor ``alpha_r`` (R starts at 1).
+        weight_decay: L2 regularisation strength (as a loss term, as in the paper).
+        eps: tensors whose gradient norm is below eps are skipped this step.
+        raw_grad_step: step along the raw gradient instead of g̃ (the official code's KOALA-V;
+            identical when weight_decay = 0).
+        fused: None (Triton kernels for CUDA params when available), True (require them),
+            False (PyTorch path).
+
+    A non-finite loss, ``loss_var`` or gradient skips the measurement update on the device:
+    weights and filter stay as predicted and ``filter_state["skipped_steps"]`` increments.
+
+    Example::
+
+        opt = KoalaV(model.parameters())
+        for x, y in data:
+            opt.predict()
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            losses.mean().backward()
+            opt.step(loss=losses)
+    """
+
+    _FILTER_KEYS = ("sigma", "q", "r", "alpha_r", "raw_grad_step")
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        *,
+        sigma: float = 0.1,
+        q: float = 1.0,
+        r: float | None = None,
+        alpha_r: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-9,
+        raw_grad_step: bool = False,
+        fused: bool | None = None,
+    ):
+        hyper = dict(
+            sigma=_validation.check_nonnegative("sigma", sigma),
+            q=_validation.check_nonnegative("q", q),
+            r=_validation.check_optional_nonnegative("r", r),
+            alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
+            raw_grad_step=_validation.check_bool("raw_grad_step", raw_grad_step),
+        )
+        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
+
+    def _initial_filter(self) -> dict[str, float]:
+        h = self._hyper
+        return {"p": h["sigma"], "R": 1.0 if h["r"] is None else h["r"]}
+
+    def _predict(self) -> None:
+        _filter.predict_v(self._filter, self._hyper["q"])
+
+    def _measure(self, loss, loss_sq_mean) -> None:
+        h = self._hyper
+        _torch_impl.koala_v_update(
+            self._plan(), self._filter, loss, loss_sq_mean,
+            r=h["r"], alpha_r=h["alpha_r"], raw_grad_step=h["raw_grad_step"],
+        )
