@@ -37,4 +37,20 @@ def resolve(fused: bool | None, device: torch.device) -> bool:
 
 
 def kernels_implemented() -> bool:
+    """Whether the Triton path exists in this version of the package."""
     return False
+
+
+def implementation(use_triton: bool):
+    """The module that runs the passes: ``_triton_impl`` or ``_torch_impl``.
+
+    Both expose ``koala_v_update``, ``koala_m_predict`` and ``koala_m_update`` with identical
+    signatures; triton is imported only here, on first use of the Triton path.
+    """
+    if use_triton:
+        from . import _triton_impl
+
+        return _triton_impl
+    from . import _torch_impl
+
+    return _torch_impl

@@ -41,10 +41,13 @@ class KoalaOptimizer(Optimizer):
         self._hyper = dict(hyper)
         self._fused_request = _validation.check_fused(fused)
         self._use_triton = _dispatch.resolve(self._fused_request, self._device)
+        self._impl = _dispatch.implementation(self._use_triton)
         self._filter = _filter.new_filter(self._device, **self._initial_filter())
         self._predicted = False
         self._warned_implicit_predict = False
         self._device_cache: dict = {}
+        #: Scratch owned by the implementation (e.g. cached pointer tables); never checkpointed.
+        self._impl_cache: dict = {}
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:

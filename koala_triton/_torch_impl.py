@@ -3,6 +3,8 @@
 Sync-free (no ``.item()``, every data-dependent choice is a mask on the device) and valid on
 any device torch supports. It is the reference the Triton kernels are tested against.
 
+``cache`` (a dict owned by the optimizer, for the Triton path's pointer tables) is unused here.
+
 Precision: squared norms accumulate in float32 (float64 for float64 params); the scalar filter
 runs in float64 (``_filter``); each elementwise update is computed in float32 (float64 for
 float64 params) and rounded once into the parameter's dtype.
@@ -85,7 +87,7 @@ def _subtract_scaled(targets: list[Tensor], directions: list[Tensor], coef: Tens
     torch._foreach_sub_(targets, deltas)
 
 
-def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_grad_step) -> None:
+def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_grad_step, cache=None) -> None:
     """KOALA-V measurement update of every tensor in ``plan`` and of the filter ``filt``."""
     raw, regularised = _directions(plan)
     m = _measurement(plan, raw, regularised, loss, loss_sq_mean, filt["p"].device)
@@ -93,7 +95,7 @@ def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_
     _subtract_scaled(plan.params, raw if raw_grad_step else regularised, gains.coef_x)
 
 
-def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float) -> None:
+def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, cache=None) -> None:
     """KOALA-M time update of every parameter: x += u, u *= a, and P̂ = F P Fᵀ + Q."""
     device = filt["Pxx"].device
     numel = sum(p.numel() for p in params)
@@ -108,7 +110,7 @@ def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float) 
     _filter.predict_m(filt, distance, a=a, qv=qv)
 
 
-def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mean, *, r, alpha_r) -> None:
+def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mean, *, r, alpha_r, cache=None) -> None:
     """KOALA-M measurement update; ``velocities``/``averages`` align with ``plan.params``."""
     raw, regularised = _directions(plan)
     m = _measurement(plan, raw, regularised, loss, loss_sq_mean, filt["Pxx"].device)

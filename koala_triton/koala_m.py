@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from . import _torch_impl, _validation
+from . import _validation
 from ._optimizer import KoalaOptimizer
 
 
@@ -90,13 +90,14 @@ class KoalaM(KoalaOptimizer):
 
     def _predict(self) -> None:
         params = self._all_params()
-        _torch_impl.koala_m_predict(
+        self._impl.koala_m_predict(
             params,
             [self.state[p]["velocity"] for p in params],
             [self.state[p]["xavg"] for p in params],
             self._filter,
             a=self._hyper["a"],
             qv=self._hyper["qv"],
+            cache=self._impl_cache,
         )
 
     def _implicit_predict(self) -> None:
@@ -113,9 +114,9 @@ class KoalaM(KoalaOptimizer):
     def _measure(self, loss, loss_sq_mean) -> None:
         plan = self._plan()
         h = self._hyper
-        _torch_impl.koala_m_update(
+        self._impl.koala_m_update(
             plan,
             [self.state[p]["velocity"] for p in plan.params],
             [self.state[p]["xavg"] for p in plan.params],
-            self._filter, loss, loss_sq_mean, r=h["r"], alpha_r=h["alpha_r"],
+            self._filter, loss, loss_sq_mean, r=h["r"], alpha_r=h["alpha_r"], cache=self._impl_cache,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _filter, _torch_impl, _validation
+from . import _filter, _validation
 from ._optimizer import KoalaOptimizer
 
 
@@ -80,7 +80,7 @@ class KoalaV(KoalaOptimizer):
 
     def _measure(self, loss, loss_sq_mean) -> None:
         h = self._hyper
-        _torch_impl.koala_v_update(
+        self._impl.koala_v_update(
             self._plan(), self._filter, loss, loss_sq_mean,
-            r=h["r"], alpha_r=h["alpha_r"], raw_grad_step=h["raw_grad_step"],
+            r=h["r"], alpha_r=h["alpha_r"], raw_grad_step=h["raw_grad_step"], cache=self._impl_cache,
         )
