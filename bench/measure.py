@@ -1,0 +1,130 @@
+"""Device-synchronised timing, copy bandwidth, launch counts and host-sync detection."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_synced_perf_counter() -> float:
+    """``time.perf_counter`` after draining the CUDA queue: pytest-benchmark calls its timer
+    before and after each round, so a round then measures the device work it launched."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timer_for(device: torch.device) -> Callable[[], float]:
+    return cuda_synced_perf_counter if device.type == "cuda" else time.perf_counter
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    brand = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    brand = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{brand} ({torch.get_num_threads()} threads)"
+
+
+def time_median(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs (CUDA events on a GPU)."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth: (read + write) bytes / median time of ``dst.copy_(src)``."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_median(lambda: dst.copy_(src), device, reps)
+    del src, dst
+    return 2 * nbytes / seconds / 1e9
+
+
+def count_launches(fn: Callable[[], None], device: torch.device) -> dict:
+    """Launches in one call of ``fn``, from torch.profiler.
+
+    CUDA: device activities (kernels, including Triton's, plus memcpy/memset).
+    CPU: top-level ATen operator calls (no aten op above them), the CPU analogue of a launch.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    synchronize(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=activities) as prof:
+            fn()
+            synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        dev = [e for e in events if e.device_type == DeviceType.CUDA]
+        copies = sum(1 for e in dev if "memcpy" in e.name.lower() or "memset" in e.name.lower())
+        return {"launches_per_step": len(dev), "kernels_per_step": len(dev) - copies,
+                "launches_counted": "CUDA device activities (kernels + memcpy/memset)"}
+
+    def top_level(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+           and top_level(e)]
+    return {"launches_per_step": len(ops), "kernels_per_step": None,
+            "launches_counted": "top-level ATen ops (CPU)"}
+
+
+def count_host_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Synchronising CUDA calls made by one call of ``fn``, caught by
+    ``torch.cuda.set_sync_debug_mode("warn")`` (the counting form of "error").
+    None on CPU, where every op is synchronous and the question does not arise."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(device)
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())

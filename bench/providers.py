@@ -1,0 +1,159 @@
+"""The optimizers being compared, each as "build an optimizer, then run one iteration".
+
+An iteration is what one training step costs the optimizer:
+
+* KOALA (both paths, and the official-style loop): ``predict()`` then ``step(loss=...)``,
+  with the gradients already in place (set once, random) and ``loss`` a fixed random positive
+  vector of 32 per-sample losses on the device;
+* torch.optim: ``step()``.
+
+``bytes_fp32`` is the memory-traffic floor per fp32 parameter from KOALA.md §7 (the least any
+implementation of that algorithm must move); for other dtypes it scales with the element size.
+KOALA-M's floor is the two-pass form with the next predict folded into the update (36 B); its
+three-pass form (predict as its own pass) is 56 B. The benchmarks use weight_decay = 0 for KOALA,
+so KOALA-V's floor is 16 B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bench.official_style import OfficialStyleKoalaM, OfficialStyleKoalaV
+
+N_LOSSES = 32
+
+
+class ProviderUnavailable(Exception):
+    """The provider cannot run here (missing device, kernel or package); the test skips."""
+
+
+@dataclass
+class Stepper:
+    """A built optimizer and a closure that runs one whole iteration of it."""
+
+    optimizer: object
+    iterate: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str           # test id
+    label: str          # what the report prints
+    family: str         # koala_v, koala_m, sgdm, adam, adamw
+    impl: str           # triton, pytorch, official-loop, foreach, fused
+    bytes_fp32: int     # KOALA.md §7 floor, bytes per fp32 parameter
+    cuda_only: bool
+    build: Callable[[list[torch.Tensor]], Stepper]
+
+
+def _random_losses(device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(1234)
+    return torch.rand(N_LOSSES, generator=gen, device=device, dtype=torch.float32) + 0.5
+
+
+def _koala_stepper(opt, device) -> Stepper:
+    loss = _random_losses(device)
+
+    def iterate():
+        opt.predict()
+        opt.step(loss=loss)
+
+    return Stepper(opt, iterate)
+
+
+def _koala_cls(name: str):
+    try:
+        import koala_triton
+        return getattr(koala_triton, name)
+    except (ImportError, AttributeError) as exc:
+        raise ProviderUnavailable(f"koala_triton.{name} is not importable: {exc}") from exc
+
+
+def _koala(name: str, fused: bool):
+    def build(params):
+        cls = _koala_cls(name)
+        try:
+            opt = cls(params, fused=fused)
+        except NotImplementedError as exc:
+            raise ProviderUnavailable(f"{name}(fused={fused}): {exc}") from exc
+        return _koala_stepper(opt, params[0].device)
+    return build
+
+
+def _official(cls):
+    def build(params):
+        return _koala_stepper(cls(params), params[0].device)
+    return build
+
+
+def _torch_optim(kind: str, impl: str):
+    def build(params):
+        flags = {"foreach": True} if impl == "foreach" else {"fused": True}
+        if kind == "sgdm":
+            opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9, **flags)
+        elif kind == "adam":
+            opt = torch.optim.Adam(params, lr=1e-3, **flags)
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, **flags)
+        return Stepper(opt, opt.step)
+    return build
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in [
+    Provider("koala_v_triton", "KoalaV (Triton)", "koala_v", "triton", 16, True,
+             _koala("KoalaV", fused=True)),
+    Provider("koala_v_torch", "KoalaV (PyTorch)", "koala_v", "pytorch", 16, False,
+             _koala("KoalaV", fused=False)),
+    Provider("koala_m_triton", "KoalaM (Triton)", "koala_m", "triton", 36, True,
+             _koala("KoalaM", fused=True)),
+    Provider("koala_m_torch", "KoalaM (PyTorch)", "koala_m", "pytorch", 36, False,
+             _koala("KoalaM", fused=False)),
+    Provider("official_v", "KOALA-V official-style loop", "koala_v", "official-loop", 16, False,
+             _official(OfficialStyleKoalaV)),
+    Provider("official_m", "KOALA-M official-style loop", "koala_m", "official-loop", 36, False,
+             _official(OfficialStyleKoalaM)),
+    Provider("sgdm_foreach", "SGD momentum (foreach)", "sgdm", "foreach", 20, False,
+             _torch_optim("sgdm", "foreach")),
+    Provider("sgdm_fused", "SGD momentum (fused)", "sgdm", "fused", 20, False,
+             _torch_optim("sgdm", "fused")),
+    Provider("adam_foreach", "Adam (foreach)", "adam", "foreach", 28, False,
+             _torch_optim("adam", "foreach")),
+    Provider("adam_fused", "Adam (fused)", "adam", "fused", 28, False,
+             _torch_optim("adam", "fused")),
+    Provider("adamw_foreach", "AdamW (foreach)", "adamw", "foreach", 28, False,
+             _torch_optim("adamw", "foreach")),
+    Provider("adamw_fused", "AdamW (fused)", "adamw", "fused", 28, False,
+             _torch_optim("adamw", "fused")),
+]}
+
+
+def floor_bytes_per_param(provider: Provider, dtype: torch.dtype) -> float:
+    """KOALA.md §7 bytes per parameter, scaled from fp32 to the parameters' element size."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return provider.bytes_fp32 * itemsize / 4
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held in ``optimizer.state`` (every tensor, counted once), measured, not assumed."""
+    seen: set[tuple] = set()
+    total = 0
+
+    def visit(obj):
+        nonlocal total
+        if torch.is_tensor(obj):
+            key = (obj.data_ptr(), obj.numel(), obj.dtype)  # views of one buffer count apart
+            if obj.numel() and key not in seen:
+                seen.add(key)
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(dict(getattr(optimizer, "state", {})))
+    return total

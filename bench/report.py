@@ -1,0 +1,245 @@
+"""Turn pytest-benchmark JSON from ``pytest bench`` into a markdown report and a PNG plot.
+
+    python -m bench.report results.json [more.json ...] --out DIR [--baseline auto]
+
+Writes DIR/report.md and DIR/plot.png and prints a short table. Ratios are to AdamW: the fused
+one where the run measured it (torch has a fused AdamW on CUDA and, since torch 2.4, on CPU),
+otherwise the foreach one; each table says which. "x floor" is the measured time over the time
+the KOALA.md §7 bytes would take at the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from bench.providers import PROVIDERS
+
+PROVIDER_ORDER = list(PROVIDERS)
+BASELINES = ("adamw_fused", "adamw_foreach")
+SGDM = "sgdm_foreach"
+
+
+def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+    """(rows, provenance): one row per benchmark with its extra_info and stats merged."""
+    rows, provenance = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        info = dict(data.get("machine_info", {}).get("koala_bench", {}))
+        info.setdefault("date", data.get("datetime"))
+        info["file"] = str(path)
+        info["commit"] = (data.get("commit_info") or {}).get("id")
+        provenance.append(info)
+        for b in data.get("benchmarks", []):
+            extra = b.get("extra_info", {})
+            if "provider" not in extra:
+                continue
+            stats = b.get("stats", {})
+            row = dict(extra)
+            row["median_s"] = stats.get("median", extra.get("median_s"))
+            row["iqr_s"] = stats.get("iqr", extra.get("iqr_s"))
+            row["rounds"] = stats.get("rounds")
+            rows.append(row)
+    return rows, provenance
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["set"], r["dtype"]), []).append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: PROVIDER_ORDER.index(r["provider"])
+               if r["provider"] in PROVIDER_ORDER else len(PROVIDER_ORDER))
+    return groups
+
+
+def baseline_of(group: list[dict], choice: str = "auto") -> dict | None:
+    by = {r["provider"]: r for r in group}
+    for name in (BASELINES if choice == "auto" else (choice,)):
+        if name in by:
+            return by[name]
+    return None
+
+
+def annotate(rows: list[dict], choice: str = "auto") -> dict[tuple[str, str], list[dict]]:
+    """Group rows by (set, dtype) and add x_baseline, x_sgdm and x_floor to each."""
+    groups = _groups(rows)
+    for group in groups.values():
+        base = baseline_of(group, choice)
+        sgdm = next((r for r in group if r["provider"] == SGDM), None)
+        for r in group:
+            t = r["median_s"]
+            r["baseline"] = base["provider"] if base else None
+            r["x_baseline"] = t / base["median_s"] if base else None
+            r["x_sgdm"] = t / sgdm["median_s"] if sgdm else None
+            floor_s = r["bytes_per_step_floor"] / (r["copy_gbps"] * 1e9)
+            r["x_floor"] = t / floor_s
+    return groups
+
+
+def _f(x, fmt: str, none: str = "–") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, fmt)
+
+
+def _syncs(r: dict) -> str:
+    s = r.get("host_syncs_per_step")
+    return "n/a (CPU)" if s is None else str(s)
+
+
+def markdown(groups, provenance: list[dict], choice: str) -> str:
+    lines = ["# KOALA optimizer-step benchmark", ""]
+    for p in provenance:
+        lines += [
+            f"- **Device**: {p.get('device_name')} (`{p.get('device')}`); torch {p.get('torch')}, "
+            f"triton {p.get('triton')}, koala_triton {p.get('koala_triton')}; "
+            f"{p.get('threads')} CPU threads; mode `{p.get('mode')}`; date {p.get('date')}; "
+            f"commit {str(p.get('commit'))[:10]}; file `{Path(p['file']).name}`",
+            f"- **Copy bandwidth** (device-to-device `copy_`, measured in the same run): "
+            f"{_f(p.get('copy_gbps'), '.1f')} GB/s",
+        ]
+    lines += [
+        "- **Time**: one whole iteration (KOALA: `predict()` + `step(loss)`; torch.optim: "
+        "`step()`), device-synchronised; median over the rounds, IQR as spread. Gradients are "
+        "random and nonzero; the loss is a random positive vector of 32 per-sample losses.",
+        "- **× AdamW**: time over AdamW's in the same table — the fused AdamW where it was "
+        "measured, else the foreach one (named in each table). **× SGD-m**: over SGD with "
+        "momentum (foreach). **× floor**: time over (KOALA.md §7 bytes per parameter × "
+        "parameters ÷ copy bandwidth); GB/s counts those floor bytes, not what an implementation "
+        "really moves.",
+        "- **Launches**: per step from torch.profiler (CUDA: kernels + memcpy/memset on the "
+        "device; CPU: top-level ATen ops). **Host syncs**: synchronising CUDA calls in one step "
+        "(`torch.cuda.set_sync_debug_mode`).",
+        "",
+    ]
+    for (set_name, dtype), group in groups.items():
+        r0 = group[0]
+        base = group[0]["baseline"]
+        base_label = PROVIDERS[base].label if base in PROVIDERS else (base or "none measured")
+        lines += [
+            f"## {set_name} {dtype} — {r0['params']:,} parameters in {r0['tensors']:,} tensors",
+            "",
+            f"Baseline for × AdamW: **{base_label}**"
+            + (" (no fused AdamW was measured in this run)" if base == "adamw_foreach" else ""),
+            "",
+            "| optimizer | median ms | IQR ms | × AdamW | × SGD-m | floor B/param | GB/s "
+            "| % copy BW | × floor | launches/step | host syncs | state B/param |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in group:
+            lines.append(
+                f"| {r['label']} | {_f(r['median_s'] * 1e3, '.3f')} | {_f(r['iqr_s'] * 1e3, '.3f')} "
+                f"| {_f(r['x_baseline'], '.2f')} | {_f(r['x_sgdm'], '.2f')} "
+                f"| {_f(r['bytes_per_param_floor'], 'g')} | {_f(r.get('achieved_gbps'), '.1f')} "
+                f"| {_f(100 * r['fraction_of_copy_bw'] if r.get('fraction_of_copy_bw') else None, '.1f')} "
+                f"| {_f(r['x_floor'], '.2f')} | {r.get('launches_per_step', '–')} | {_syncs(r)} "
+                f"| {_f(r.get('state_bytes_per_param'), '.2f')} |")
+        lines.append("")
+    lines += memory_table(groups)
+    return "\n".join(lines) + "\n"
+
+
+def memory_table(groups) -> list[str]:
+    """Optimizer-state bytes per parameter, measured from each optimizer's ``state``."""
+    seen: dict[tuple[str, str], dict] = {}
+    for (_, dtype), group in groups.items():
+        for r in group:
+            seen.setdefault((r["provider"], dtype), r)
+    if not seen:
+        return []
+    lines = ["## Optimizer state (measured from `optimizer.state`)", "",
+             "| optimizer | dtype | state B/param | buffers per parameter |", "|---|---|--:|--:|"]
+    for (prov, dtype), r in sorted(seen.items(), key=lambda kv: (
+            PROVIDER_ORDER.index(kv[0][0]) if kv[0][0] in PROVIDER_ORDER else 99, kv[0][1])):
+        lines.append(f"| {r['label']} | {dtype} | {_f(r.get('state_bytes_per_param'), '.2f')} "
+                     f"| {_f(r.get('state_buffers_per_param'), '.2f')} |")
+    return lines + [""]
+
+
+def short_table(groups) -> str:
+    """The compact table printed last by bench/device_check.sh."""
+    out = [f"{'set':<20} {'dtype':<5} {'optimizer':<30} {'ms':>10} {'xAdamW':>7} {'xSGDm':>6} "
+           f"{'xfloor':>7} {'launch':>7} {'sync':>5}"]
+    for (set_name, dtype), group in groups.items():
+        for r in group:
+            syncs = r.get("host_syncs_per_step")
+            out.append(f"{set_name:<20} {dtype:<5} {r['label']:<30} {r['median_s'] * 1e3:>10.3f} "
+                       f"{_f(r['x_baseline'], '.2f'):>7} {_f(r['x_sgdm'], '.2f'):>6} "
+                       f"{r['x_floor']:>7.1f} {r.get('launches_per_step', '-'):>7} "
+                       f"{'-' if syncs is None else syncs:>5}")
+    return "\n".join(out)
+
+
+def plot(groups, provenance: list[dict], path: Path) -> None:
+    """Time relative to the AdamW baseline, one panel per dtype, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({d for _, d in groups}, key=lambda d: (d != "fp32", d))
+    providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p
+                                                  for g in groups.values() for r in g)]
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 2.2 * len(groups)), 4.2 * len(dtypes)),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    width = 0.8 / max(1, len(providers))
+    for ax, dtype in zip(axes[:, 0], dtypes):
+        sets = [s for s, d in groups if d == dtype]
+        for j, prov in enumerate(providers):
+            xs, ys = [], []
+            for i, s in enumerate(sets):
+                r = next((r for r in groups[(s, dtype)] if r["provider"] == prov), None)
+                if r is not None and r["x_baseline"]:
+                    xs.append(i + (j - (len(providers) - 1) / 2) * width)
+                    ys.append(r["x_baseline"])
+            if xs:
+                ax.bar(xs, ys, width=width, color=cmap(j % 20), label=PROVIDERS[prov].label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(sets)))
+        ax.set_xticklabels([f"{s}\n{groups[(s, dtype)][0]['tensors']} tensors" for s in sets])
+        bases = {groups[(s, dtype)][0]["baseline"] for s in sets}
+        ax.set_ylabel("step time / AdamW " + "/".join(
+            sorted(b.split("_")[1] for b in bases if b)) + " (log)")
+        ax.set_title(f"{dtype}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper left")
+    p = provenance[0] if provenance else {}
+    fig.suptitle(f"One optimizer iteration on {p.get('device_name')} — torch {p.get('torch')}, "
+                 f"triton {p.get('triton')}, {str(p.get('date'))[:10]}, mode {p.get('mode')}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON file(s)")
+    ap.add_argument("--out", type=Path, required=True, help="directory for report.md and plot.png")
+    ap.add_argument("--baseline", default="auto", choices=("auto",) + BASELINES,
+                    help="AdamW to divide by (auto: fused if measured, else foreach)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    args = ap.parse_args(argv)
+
+    rows, provenance = load(args.json)
+    if not rows:
+        print("no KOALA benchmark rows in " + ", ".join(map(str, args.json)), file=sys.stderr)
+        return 1
+    groups = annotate(rows, args.baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(markdown(groups, provenance, args.baseline))
+    if not args.no_plot:
+        plot(groups, provenance, args.out / "plot.png")
+    print(short_table(groups))
+    print(f"\nwrote {args.out / 'report.md'}" + ("" if args.no_plot else f" and {args.out / 'plot.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
