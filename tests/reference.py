@@ -1,0 +1,94 @@
+"""A plain float64 for-loop implementation of ../shared/KOALA.md, written independently of
+``koala_triton`` (no shared code), as the ground truth of the PyTorch-path tests.
+
+It works on a list of parameter groups ``[{"params": [float64 tensors], "lr", "weight_decay",
+"eps"}]`` and a list of gradients (None allowed) in the same flat order, with the filter held
+in Python floats. Every step is a direct transcription of KOALA.md §2-§4, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ReferenceKoala:
+    def __init__(self, groups, *, momentum: bool, sigma=0.1, q=1.0, sw=0.1, sc=0.0, sv=0.1,
+                 a=0.9, qw=1e-2, qv=1e-2, r=None, alpha_r=0.9, raw_grad_step=False):
+        self.groups = [dict(g, params=[p.detach().clone().double() for p in g["params"]]) for g in groups]
+        self.momentum = momentum
+        self.q, self.a, self.qv = q, a, qv
+        self.r_fixed, self.alpha_r, self.raw_grad_step = r, alpha_r, raw_grad_step
+        self.R = 1.0 if r is None else r
+        self.skipped = 0
+        if momentum:
+            self.P = [[sw, sc], [sc, sv]]
+            self.qx = qw
+            self.u = [[torch.zeros_like(p) for p in g["params"]] for g in self.groups]
+            self.xavg = [[torch.zeros_like(p) for p in g["params"]] for g in self.groups]
+        else:
+            self.p = sigma
+
+    def params(self):
+        return [p for g in self.groups for p in g["params"]]
+
+    def predict(self):
+        if not self.momentum:
+            self.p = self.p + self.q
+            return
+        sq, n = 0.0, 0
+        for gi, g in enumerate(self.groups):
+            for i, x in enumerate(g["params"]):
+                sq += float(((self.xavg[gi][i] - x) ** 2).sum())
+                n += x.numel()
+        self.qx = 0.9 * self.qx + 0.1 * (math.sqrt(sq) / max(n, 1))
+        for gi, g in enumerate(self.groups):
+            for i, x in enumerate(g["params"]):
+                x += self.u[gi][i]
+                self.u[gi][i] *= self.a
+        (pxx, pxu), (_, puu) = self.P
+        a = self.a
+        self.P = [[pxx + 2 * pxu + puu + self.qx, a * (pxu + puu)],
+                  [a * (pxu + puu), a * a * puu + self.qv]]
+
+    def update(self, loss: float, loss_sq_mean: float | None, grads):
+        """grads: flat list aligned with params() (None = no gradient)."""
+        grads = [None if g is None else g.double() for g in grads]
+        finite = math.isfinite(loss) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+        if self.r_fixed is None:
+            finite = finite and math.isfinite(loss_sq_mean)
+        if not finite:
+            self.skipped += 1
+            return
+        if self.r_fixed is None:
+            self.R = self.alpha_r * self.R + (1 - self.alpha_r) * loss_sq_mean
+        R = self.R
+        pxx = self.P[0][0] if self.momentum else self.p
+        pux = self.P[1][0] if self.momentum else 0.0
+        h = 0.0
+        k = 0
+        for gi, g in enumerate(self.groups):
+            wd, lr = g["weight_decay"], g["lr"]
+            for i, x in enumerate(g["params"]):
+                grad = grads[k]
+                k += 1
+                if grad is None or float(grad.norm()) < g["eps"]:
+                    continue
+                g_reg = grad + wd * x
+                g_sq = float((g_reg ** 2).sum())
+                S = pxx * g_sq + R
+                layer_loss = loss + 0.5 * wd * float((x ** 2).sum())
+                direction = grad if self.raw_grad_step else g_reg
+                x -= lr * layer_loss * (pxx / S) * direction
+                if self.momentum:
+                    self.u[gi][i] -= lr * layer_loss * (pux / S) * direction
+                    self.xavg[gi][i] = 0.9 * self.xavg[gi][i] + 0.1 * x
+                h = max(h, g_sq / S)
+        if self.momentum:
+            # P <- P - P diag(h, 0) P^T, written out entry by entry
+            (pxx, pxu), (pux, puu) = self.P
+            self.P = [[pxx - h * pxx * pxx, pxu - h * pxx * pxu],
+                      [pux - h * pux * pxx, puu - h * pux * pxu]]
+        else:
+            self.p = self.p - self.p ** 2 * h
