@@ -143,9 +143,10 @@ class KoalaOptimizer(Optimizer):
                     "update(loss, loss_var) or step(closure); KOALA's update is driven by the loss value"
                 )
             result = loss
-            if not self._predicted:
-                self._implicit_predict()
+        # Validate the loss before the implicit predict, so bad input changes no state.
         mean, sq_mean = self._loss_moments(loss, loss_var)
+        if not self._predicted:
+            self._implicit_predict()
         self._measure(mean, sq_mean)
         self._predicted = False
         return result

@@ -50,7 +50,7 @@ def _directions(plan: StepPlan) -> tuple[list[Tensor], list[Tensor]]:
         return raw, raw
     decayed = torch._foreach_mul(_to_compute(plan.params[plain:]), plan.decay)
     torch._foreach_add_(decayed, raw[plain:])
-    return raw, raw[:plain] + decayed
+    return raw, list(raw[:plain]) + list(decayed)
 
 
 def _measurement(plan: StepPlan, raw, regularised, loss, loss_sq_mean, device) -> _filter.Measurement:
