@@ -118,13 +118,20 @@ def test_missing_or_malformed_loss_is_a_clear_error_and_changes_nothing(cls):
         opt.step(loss=torch.ones(3), loss_var=torch.tensor(1.0))
     with pytest.raises(ValueError, match="either"):
         opt.step(lambda: torch.ones(3), loss=torch.ones(3))
-    with pytest.raises(ValueError, match="closure must return"):
-        opt.step(lambda: None)
     with pytest.raises(TypeError, match="loss"):
         opt.step(loss="1.0")
     after_w, after_f = _snapshot(opt, model)
     assert all(torch.equal(a, b) for a, b in zip(weights, after_w))
     assert all(torch.equal(filt[k], after_f[k]) for k in filt)
+    # A closure runs at the predicted weights, so predict has happened when it fails; the
+    # update stays pending and the next step does not predict a second time.
+    with pytest.raises(ValueError, match="closure must return"):
+        opt.step(lambda: None)
+    predicted = {k: v.clone() for k, v in opt.filter_state.items()}
+    opt.step(loss=torch.rand(3))
+    cov = "p" if cls is KoalaV else "Pxx"
+    assert float(opt.filter_state[cov]) <= float(predicted[cov])
+    assert int(opt.filter_state["step"]) == 1
 
 
 @BOTH

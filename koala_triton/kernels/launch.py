@@ -1,0 +1,78 @@
+"""Compile-or-interpret a kernel for a device, launch it, and count the launches.
+
+Kernels are written as plain Python functions and wrapped here, per device, instead of with
+``@triton.jit`` at import: ``@triton.jit`` reads ``TRITON_INTERPRET`` once, at decoration time,
+so a process that runs both CUDA kernels and CPU-interpreter checks (a GPU CI job) would get
+one of them wrong. CUDA tensors get a ``JITFunction``; CPU tensors get Triton's interpreter,
+which ``_dispatch`` only allows when ``TRITON_INTERPRET=1`` is set.
+
+Block sizes are fixed per device (no autotuning, so in-place kernels are never re-run by a
+tuner and need no ``restore_value``). Under the interpreter they are small, so that tiny test
+tensors still cover several tiles and several chunks per tensor at interpreter speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Fixed launch geometry of the multi-tensor passes.
+
+    Attributes:
+        block: elements per tile (one vector op over ``block`` lanes).
+        chunk: elements per program; a tensor of n elements owns ceil(n / chunk) programs
+            (and as many partial-sum slots). A multiple of ``block``.
+        block_t: tensors handled per iteration of the one-program filter kernel.
+        num_warps: warps per program of the elementwise passes.
+    """
+
+    block: int
+    chunk: int
+    block_t: int
+    num_warps: int
+
+
+#: CUDA: 4-warp programs over 16 tiles of 1024 elements (64 KiB of fp32 per tensor array per
+#: program, like torch's multi-tensor apply chunk of 65,536 elements; here 16,384).
+CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=128, num_warps=4)
+#: Interpreter: 16-element tiles, 64-element chunks: a 300-element test tensor spans 5
+#: chunks of 4 tiles, exercising every chunk and mask path in milliseconds.
+INTERPRETER_BLOCKS = Blocks(block=16, chunk=64, block_t=32, num_warps=1)
+
+
+def blocks_for(device: torch.device) -> Blocks:
+    return CUDA_BLOCKS if device.type == "cuda" else INTERPRETER_BLOCKS
+
+
+#: Kernel launches issued by this package since import (tests read it to check that the
+#: launch count per step does not depend on the number of tensors).
+LAUNCHES = {"count": 0}
+
+_wrapped: dict[tuple[int, bool], object] = {}
+
+
+def kernel(fn, device: torch.device):
+    """The launchable form of the plain kernel function ``fn`` for tensors on ``device``."""
+    interpret = device.type != "cuda"
+    key = (id(fn), interpret)
+    k = _wrapped.get(key)
+    if k is None:
+        k = InterpretedFunction(fn) if interpret else JITFunction(fn)
+        _wrapped[key] = k
+    return k
+
+
+def launch(fn, grid: tuple[int, ...], device: torch.device, **kwargs) -> None:
+    """Launch ``fn`` on ``grid`` programs (keyword arguments only) and count it."""
+    LAUNCHES["count"] += 1
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel(fn, device)[grid](**kwargs)
+    else:
+        kernel(fn, device)[grid](**kwargs)
