@@ -6,13 +6,15 @@
     pytest bench --koala-sets=gpt2-small --koala-dtypes=fp32 --koala-providers=koala_v_torch,sgdm_foreach
 
 Every option also reads an environment variable (KOALA_BENCH, KOALA_BENCH_DEVICE,
-KOALA_BENCH_SETS, KOALA_BENCH_DTYPES, KOALA_BENCH_PROVIDERS); the command line wins.
+KOALA_BENCH_SETS, KOALA_BENCH_DTYPES, KOALA_BENCH_PROVIDERS, KOALA_BENCH_THREADS,
+KOALA_BENCH_BUDGET_S); the command line wins.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -48,9 +50,11 @@ MODES = {
                              "huge-1x64M"], ["fp32"])
                      + _pairs(["resnet18"], ["bf16"]),
                      rounds=7, round_s=0.1, copy_bytes=512 * 2 ** 20),
-    # One H100/H200 in a few minutes: the real models in fp32 and bf16.
-    "full-cuda": Mode(_pairs(["resnet18", "resnet50", "gpt2-small", "gpt2-medium",
-                              "many-small-1000x1K", "huge-1x256M"], ["fp32", "bf16"]),
+    # One H100/H200 in a few minutes: the real models in fp32, then in bf16.
+    "full-cuda": Mode(_pairs(["gpt2-small", "resnet18", "resnet50", "gpt2-medium",
+                              "many-small-1000x1K", "huge-1x256M"], ["fp32"])
+                      + _pairs(["gpt2-small", "resnet18", "resnet50", "gpt2-medium",
+                                "many-small-1000x1K", "huge-1x256M"], ["bf16"]),
                       rounds=10, round_s=0.01, copy_bytes=2 ** 30),
 }
 
@@ -68,6 +72,13 @@ def pytest_addoption(parser):
                     help="comma-separated dtypes among fp32,bf16 (filters the mode's list)")
     group.addoption("--koala-providers", default=os.environ.get("KOALA_BENCH_PROVIDERS", ""),
                     help=f"comma-separated providers among {','.join(PROVIDERS)}")
+    group.addoption("--koala-threads", type=int,
+                    default=int(os.environ.get("KOALA_BENCH_THREADS", "0")),
+                    help="torch.set_num_threads for the run (0: leave torch's default)")
+    group.addoption("--koala-budget-s", type=float,
+                    default=float(os.environ.get("KOALA_BENCH_BUDGET_S", "0")),
+                    help="skip the remaining benchmarks once this many seconds have passed "
+                         "(0: no budget); the JSON then holds those that ran")
 
 
 def _csv(value: str) -> list[str]:
@@ -111,6 +122,11 @@ def bench_cases(config) -> list[tuple[str, str, str]]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "koala_bench: an optimizer-step benchmark (bench/)")
+    config.stash[_START_KEY] = time.monotonic()
+    config.stash[_LOAD_KEY] = [os.getloadavg()[0]]
+    threads = config.getoption("--koala-threads")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def pytest_generate_tests(metafunc):
@@ -138,6 +154,18 @@ def copy_gbps(pytestconfig, device, mode) -> float:
 
 
 _COPY_KEY = pytest.StashKey[float]()
+_START_KEY = pytest.StashKey[float]()
+_LOAD_KEY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def within_budget(pytestconfig) -> None:
+    """Skip once the run's time budget (--koala-budget-s) is spent."""
+    budget = pytestconfig.getoption("--koala-budget-s")
+    elapsed = time.monotonic() - pytestconfig.stash[_START_KEY]
+    if budget and elapsed > budget:
+        pytest.skip(f"time budget of {budget:.0f} s spent ({elapsed:.0f} s)")
+    pytestconfig.stash[_LOAD_KEY].append(os.getloadavg()[0])
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -163,5 +191,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "threads": torch.get_num_threads(),
         "mode": bench_mode_name(config),
         "copy_gbps": config.stash.get(_COPY_KEY, None),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_min": min(config.stash.get(_LOAD_KEY, [0.0]) + [os.getloadavg()[0]]),
+        "loadavg_1min_max": max(config.stash.get(_LOAD_KEY, [0.0]) + [os.getloadavg()[0]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

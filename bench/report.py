@@ -102,6 +102,12 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
             f"- **Copy bandwidth** (device-to-device `copy_`, measured in the same run): "
             f"{_f(p.get('copy_gbps'), '.1f')} GB/s",
         ]
+        if p.get("loadavg_1min_max") is not None:
+            lines.append(
+                f"- **Machine load** (1-minute load average while it ran, this run included): "
+                f"{p['loadavg_1min_min']:.2f} to {p['loadavg_1min_max']:.2f} on "
+                f"{p.get('cpu_count')} CPUs; other processes competing for the cores make "
+                f"CPU timings noisy")
     lines += [
         "- **Time**: one whole iteration (KOALA: `predict()` + `step(loss)`; torch.optim: "
         "`step()`), device-synchronised; median over the rounds, IQR as spread. Gradients are "
@@ -200,6 +206,7 @@ def plot(groups, provenance: list[dict], path: Path) -> None:
                 ax.bar(xs, ys, width=width, color=cmap(j % 20), label=PROVIDERS[prov].label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.set_xlim(-0.6, max(len(sets), 2) - 0.4)
         ax.set_xticks(range(len(sets)))
         ax.set_xticklabels([f"{s}\n{groups[(s, dtype)][0]['tensors']} tensors" for s in sets])
         bases = {groups[(s, dtype)][0]["baseline"] for s in sets}
