@@ -1,0 +1,16 @@
+"""The formal oracle for koala_triton (a test dependency; ``koala_triton`` never imports it).
+
+* :mod:`oracle.ekf` — the generic Extended Kalman Filter in SymPy, the only hand-written maths.
+* :mod:`oracle.assumptions` — KOALA's assumptions as named, composable switches.
+* :mod:`oracle.derive` — applies the switches and lets SymPy produce the closed forms.
+* :mod:`oracle.certificates` — symbolic identities, full-matrix EKF on tiny sizes in exact
+  Rationals, and the evaluator against a full-matrix KOALA.
+* :mod:`oracle.evaluator` — KOALA-V / KOALA-M trajectories in mpmath at ``DPS`` ≥ 50 digits.
+
+``python -m oracle`` prints the derived forms and every certificate; it exits 0 only when all
+hold. The mathematics in prose is in ``oracle/README.md``.
+"""
+
+from .evaluator import DPS, KoalaMOracle, KoalaVOracle, exact, riccati_fixed_point, vector
+
+__all__ = ["DPS", "KoalaMOracle", "KoalaVOracle", "exact", "riccati_fixed_point", "vector"]
