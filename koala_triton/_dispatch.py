@@ -22,23 +22,34 @@ def resolve(fused: bool | None, device: torch.device) -> bool:
     """Return True for the Triton path, False for the PyTorch path.
 
     ``None``: Triton for CUDA parameters when triton is importable, else PyTorch.
-    ``False``: always PyTorch. ``True``: Triton or a clear error.
+    ``False``: always PyTorch. ``True``: Triton (CUDA parameters, or CPU parameters with
+    ``TRITON_INTERPRET=1``: the kernels then run in Triton's interpreter, slowly, for tests)
+    or a clear error.
     """
     if fused is False:
         return False
     if fused is None:
         return device.type == "cuda" and triton_available() and kernels_implemented()
-    if not kernels_implemented():
+    if not triton_available():
         raise NotImplementedError(
-            "fused=True: the Triton kernels are not implemented yet; use fused=None or fused=False "
-            "for the PyTorch path"
+            "fused=True needs the triton package, which is not installed; use fused=None or "
+            "fused=False for the PyTorch path"
         )
-    return True
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and interpreter_enabled():
+        return True
+    raise NotImplementedError(
+        f"fused=True runs Triton kernels on CUDA parameters, but these are on {device}: move "
+        "the model to a GPU, use fused=None or fused=False for the PyTorch path, or set "
+        "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (slow; meant for "
+        "tests)"
+    )
 
 
 def kernels_implemented() -> bool:
     """Whether the Triton path exists in this version of the package."""
-    return False
+    return True
 
 
 def implementation(use_triton: bool):

@@ -1,0 +1,292 @@
+"""The Triton path: KOALA's passes as multi-tensor kernels (``koala_triton/kernels``).
+
+Same functions and signatures as ``_torch_impl`` (the reference it is tested against), plus
+the fold-mode entry points of KOALA-M (``koala_m_predict_deferred``,
+``koala_m_update_folded``) and ``settle_filter``. Design, bytes and launch counts:
+``kernels/NOTES.md``.
+
+Launches per iteration, independent of the number of tensors (one more norms and one more
+update launch per extra parameter dtype): KOALA-V update 3 (norms, filter, update; its
+predict is the one scalar ``p += q``); KOALA-M predict 1 + update 3; KOALA-M with the fold,
+update 3 and predict 0. Nothing here reads a device value on the host.
+
+Lazy predict tail (KOALA-M): the predict pass writes per-chunk partial sums of ‖xavg − x‖² and
+raises a device flag; the scalar part of the predict (qx EMA, P̂ = F P Fᵀ + Q) runs at the start
+of the next filter kernel. ``settle_filter`` runs it on its own, and the optimizer calls it
+before anyone reads ``filter_state`` or ``state_dict()``, so what users see is the same as on
+the PyTorch path. ``cache`` (owned by the optimizer) holds the tables, partial-sum buffers,
+the flag and the hyper-parameter vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _filter
+from ._plan import StepPlan
+from .kernels import tables
+from .kernels.filter import filter_kernel
+from .kernels.launch import blocks_for, launch
+from .kernels.passes import norms_kernel, predict_kernel, step_kernel
+
+import triton.language as tl
+
+FLOAT = _filter.FLOAT
+
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+def _types(dtype: torch.dtype):
+    """(element type, compute type): float64 computes in float64, everything else in float32."""
+    try:
+        dt = _TL_DTYPE[dtype]
+    except KeyError:
+        raise TypeError(f"fused=True supports float32, bfloat16, float16 and float64 parameters, got {dtype}") from None
+    return dt, (tl.float64 if dtype == torch.float64 else tl.float32)
+
+
+def _buffer(cache: dict, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A grow-only scratch buffer owned by ``cache`` (stable address while large enough)."""
+    buf = cache.get(name)
+    if buf is None or buf.numel() < max(numel, 1) or buf.device != device:
+        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        cache[name] = buf
+    return buf
+
+
+def _const(cache: dict, device: torch.device, *, alpha_r: float, a: float, qv: float) -> Tensor:
+    """float64 hyper-parameter vector (layout: ``kernels/filter.py``), uploaded once per value set."""
+    key = ("const", alpha_r, a, qv)
+    vec = cache.get(key)
+    if vec is None:
+        beta = _filter.QX_BETA
+        host = torch.tensor([alpha_r, 1.0 - alpha_r, a, a * a, qv, beta, 1.0 - beta], dtype=FLOAT)
+        if device.type == "cuda":
+            host = host.pin_memory()
+            cache[("const_host",) + key[1:]] = host  # source of an asynchronous copy: keep it
+        vec = host.to(device, non_blocking=True)
+        cache[key] = vec
+    return vec
+
+
+def _pending(cache: dict, device: torch.device) -> Tensor:
+    flag = cache.get("pending")
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        cache["pending"] = flag
+    return flag
+
+
+def _filter_args(filt: dict[str, Tensor], momentum: bool) -> dict:
+    if momentum:
+        return dict(p_pxx=filt["Pxx"], p_pxu=filt["Pxu"], p_puu=filt["Puu"], p_qx=filt["qx"])
+    p = filt["p"]
+    return dict(p_pxx=p, p_pxu=p, p_puu=p, p_qx=p)
+
+
+def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=None, partials=None,
+                   coef=None, loss=None, loss_sq_mean=None, r=None, alpha_r=0.9) -> None:
+    tail = cache.get("tail") if momentum else None
+    if not measure and (tail is None or not tail["maybe"]):
+        return
+    a, qv = (tail["a"], tail["qv"]) if tail is not None else (0.0, 0.0)
+    const = _const(cache, device, alpha_r=alpha_r, a=a, qv=qv)
+    pending = _pending(cache, device)
+    dummy = filt["R"]
+    blocks = blocks_for(device)
+    k = len(plan.params) if measure else 0
+    launch(
+        filter_kernel, (1,), device,
+        **_filter_args(filt, momentum),
+        p_r=filt["R"], p_step=filt["step"], p_skipped=filt["skipped_steps"],
+        p_loss=loss if measure else dummy,
+        p_loss_sq=loss_sq_mean if loss_sq_mean is not None else (loss if measure else dummy),
+        p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
+        p_slot_chunks=table.slot_chunks if k else dummy,
+        p_partials=partials if measure else dummy,
+        p_coef=coef if measure else dummy,
+        p_pending=pending,
+        p_dist=tail["dist"] if tail is not None else dummy,
+        p_const=const,
+        n_slots=k,
+        n_partials=table.n_chunks if k else 0,
+        max_chunks=table.max_chunks if k else 0,
+        n_dist=tail["n_dist"] if tail is not None else 0,
+        numel_total=max(tail["numel"], 1) if tail is not None else 1,
+        MOMENTUM=momentum, ADAPTIVE=measure and r is None, MEASURE=measure, TAIL=tail is not None,
+        BLOCK_T=blocks.block_t,
+    )
+    if tail is not None:
+        tail["maybe"] = False
+
+
+def settle_filter(filt: dict[str, Tensor], cache: dict) -> None:
+    """Apply a pending KOALA-M predict tail now (one launch if one may be pending, else none)."""
+    if "tail" in cache:
+        _launch_filter(filt, cache, filt["R"].device, momentum=True, measure=False)
+
+
+def _measure(plan: StepPlan, table: tables.Table, filt, cache, device, *, loss, loss_sq_mean, r, alpha_r, momentum) -> Tensor:
+    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3]."""
+    blocks = blocks_for(device)
+    k = len(plan.params)
+    partials = _buffer(cache, "partials", 3 * table.n_chunks, FLOAT, device)
+    coef = _buffer(cache, "coef", 3 * k, FLOAT, device)
+    for group in table.groups:
+        if group.n_chunks == 0:
+            continue
+        dt, ct = _types(group.dtype)
+        launch(
+            norms_kernel, (group.n_chunks,), device,
+            p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
+            chunk_base=group.chunk_base,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+        )
+    _launch_filter(filt, cache, device, momentum=momentum, measure=True, plan=plan, table=table,
+                   partials=partials, coef=coef, loss=loss, loss_sq_mean=loss_sq_mean, r=r, alpha_r=alpha_r)
+    return coef
+
+
+def _launch_step(table, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
+                 u_scale=1.0, dist=None, pending=None) -> None:
+    blocks = blocks_for(device)
+    for group in table.groups:
+        if group.n_chunks == 0:
+            continue
+        dt, ct = _types(group.dtype)
+        launch(
+            step_kernel, (group.n_chunks,), device,
+            p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef,
+            p_dist=dist if fold else coef, p_pending=pending if fold else coef,
+            chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=1.0 - _filter.QX_BETA,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block,
+            MOMENTUM=momentum, RAW_STEP=raw_step, FOLD=fold, num_warps=blocks.num_warps,
+        )
+
+
+def _device(filt) -> torch.device:
+    return filt["R"].device
+
+
+# ---------------------------------------------------------------------------------- KOALA-V
+def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_grad_step, cache=None) -> None:
+    """KOALA-V measurement update: norms, filter, update (3 launches)."""
+    device = _device(filt)
+    blocks = blocks_for(device)
+    k = len(plan.params)
+    binding = tables.bind(cache, plan.params, {"x": plan.params, "g": plan.grads}, mutated=("x",))
+    table = tables.table(cache, "v", binding.arrays, list(range(k)), k, blocks, device)
+    binding.stage_in()
+    coef = _measure(plan, table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
+                    r=r, alpha_r=alpha_r, momentum=False)
+    _launch_step(table, plan.weight_decay, coef, device, momentum=False, raw_step=raw_grad_step)
+    binding.stage_back()
+
+
+# ---------------------------------------------------------------------------------- KOALA-M
+def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, scale_u) -> None:
+    device = _device(filt)
+    blocks = blocks_for(device)
+    settle_filter(filt, cache)  # a predict tail still pending (predict twice): apply it first
+    binding = tables.bind(cache, params, {"x": params, "u": velocities, "a": averages}, mutated=("x", "u"))
+    table = tables.table(cache, "m_all", binding.arrays, [-1] * len(params), 0, blocks, device)
+    dist = _buffer(cache, "dist", table.n_chunks, FLOAT, device)
+    pending = _pending(cache, device)
+    binding.stage_in()
+    if table.n_chunks == 0:
+        pending.fill_(1)  # nothing to move; the filter still predicts with D = 0
+    for group in table.groups:
+        if group.n_chunks == 0:
+            continue
+        dt, ct = _types(group.dtype)
+        launch(
+            predict_kernel, (group.n_chunks,), device,
+            p_chunks=group.chunks, p_rows=group.rows, p_dist=dist, p_pending=pending,
+            chunk_base=group.chunk_base, x_scale=float(x_scale), u_mult=float(a),
+            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SCALE_U=scale_u,
+            num_warps=blocks.num_warps,
+        )
+    binding.stage_back()
+    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=sum(p.numel() for p in params),
+                         a=float(a), qv=float(qv), maybe=True)
+
+
+def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, cache=None) -> None:
+    """KOALA-M time update: x += u, u *= a (one pass); the covariance part is applied lazily."""
+    _predict_pass(params, velocities, averages, filt, cache, a=a, qv=qv, x_scale=1.0, scale_u=True)
+
+
+def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mean, *, r, alpha_r, cache=None) -> None:
+    """KOALA-M measurement update: norms, filter (with the pending predict tail), update."""
+    device = _device(filt)
+    blocks = blocks_for(device)
+    k = len(plan.params)
+    binding = tables.bind(cache, plan.params, {"x": plan.params, "g": plan.grads, "u": velocities, "a": averages},
+                          mutated=("x", "u", "a"))
+    table = tables.table(cache, "m", binding.arrays, list(range(k)), k, blocks, device)
+    binding.stage_in()
+    coef = _measure(plan, table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
+                    r=r, alpha_r=alpha_r, momentum=True)
+    _launch_step(table, plan.weight_decay, coef, device, momentum=True)
+    binding.stage_back()
+
+
+# ------------------------------------------------------------------ KOALA-M, fold mode (opt-in)
+def koala_m_predict_deferred(params, velocities, averages, filt, *, a: float, qv: float, position_scale: float,
+                             cache=None) -> None:
+    """Fold mode's explicit predict: x += position_scale·u, the velocity buffer left as is.
+
+    In fold mode the velocity buffer holds the posterior velocity u⁺ of the last update; after
+    j predicts the filter's velocity is a^j·u⁺ and the position moved by (1 + a + … + a^(j-1))·u⁺.
+    """
+    _predict_pass(params, velocities, averages, filt, cache, a=a, qv=qv, x_scale=position_scale, scale_u=False)
+
+
+def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, loss, loss_sq_mean, *,
+                          r, alpha_r, a: float, qv: float, velocity_scale: float, cache=None) -> None:
+    """Measurement update fused with the next predict's elementwise part (3 launches).
+
+    Args:
+        params, velocities, averages: every parameter (the predict moves all of them), with
+            ``plan.indices`` locating the measured ones.
+        velocity_scale: a^j for the j predicts since the last update (the velocity buffer holds
+            the deferred u⁺).
+
+    Afterwards the weights hold the next prediction x⁺ + u⁺, the velocity buffer u⁺, xavg its
+    posterior, and the predict tail is pending (applied by the next filter kernel, or by
+    ``settle_filter``).
+    """
+    device = _device(filt)
+    blocks = blocks_for(device)
+    k = len(plan.params)
+    slot_of = [-1] * len(params)
+    grads: list[Tensor | None] = [None] * len(params)
+    for slot, (index, g) in enumerate(zip(plan.indices, plan.grads)):
+        slot_of[index] = slot
+        grads[index] = g
+    # A pending predict tail (this fold's predecessor) is applied by the filter kernel below,
+    # before the fold pass overwrites its partial sums.
+    binding = tables.bind(cache, params, {"x": params, "g": grads, "u": velocities, "a": averages},
+                          mutated=("x", "u", "a"))
+    measured = [binding.arrays[i] for i in plan.indices]
+    plan_table = tables.table(cache, "m_fold_plan", [{"x": r_["x"], "g": r_["g"]} for r_ in measured],
+                              list(range(k)), k, blocks, device)
+    all_table = tables.table(cache, "m_fold_all", binding.arrays, slot_of, k, blocks, device)
+    dist = _buffer(cache, "dist", all_table.n_chunks, FLOAT, device)
+    pending = _pending(cache, device)
+    binding.stage_in()
+    coef = _measure(plan, plan_table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
+                    r=r, alpha_r=alpha_r, momentum=True)
+    if all_table.n_chunks == 0:
+        pending.fill_(1)
+    _launch_step(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
+                 u_scale=velocity_scale, dist=dist, pending=pending)
+    binding.stage_back()
+    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=sum(p.numel() for p in params),
+                         a=float(a), qv=float(qv), maybe=True)

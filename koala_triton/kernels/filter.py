@@ -1,0 +1,143 @@
+r"""The scalar Kalman filter on the device: one program, float64 throughout.
+
+``filter_kernel`` evaluates exactly what ``koala_triton._filter`` evaluates with torch ops (the
+same float64 expressions in the same order), from the per-chunk partial sums of the passes:
+
+1. *Pending predict tail* (KOALA-M, ``TAIL``): if the predict pass (or a folded update) raised
+   the ``pending`` flag, D = sqrt(Σ partial ‖xavg − x‖²)/n, qx ← 0.9·qx + 0.1·D and
+   P̂ = F P Fᵀ + diag(qx, qv); the flag is cleared. The flag lives on the device, so a graph
+   replay or a repeated settle applies each predict exactly once.
+2. *Measurement* (``MEASURE``): per tensor (slot) the chunk partials are added in chunk order
+   (deterministic); finiteness of the loss, its second moment and every gradient norm; the R
+   EMA (updated before use); the skip rule sqrt(‖g‖²) >= eps; gains c_x = lr·L̃·P̂xx/S,
+   c_u = lr·L̃·P̂ux/S; G = the largest ‖g̃‖² among updated tensors; the stable covariance forms
+   p⁺ = ρ·p̂ (or Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S), ρ = R/S; R, step and
+   skipped_steps are written back.
+
+``p_const`` is a float64 device vector of the hyper-parameters (Python floats passed as kernel
+arguments would be rounded to float32): [alpha_r, 1 − alpha_r, a, a·a, qv, 0.9, 1 − 0.9].
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+C_ALPHA = tl.constexpr(0)
+C_ONE_MINUS_ALPHA = tl.constexpr(1)
+C_A = tl.constexpr(2)
+C_A2 = tl.constexpr(3)
+C_QV = tl.constexpr(4)
+C_BETA = tl.constexpr(5)
+C_ONE_MINUS_BETA = tl.constexpr(6)
+
+
+def filter_kernel(
+    p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped,
+    p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_coef,
+    p_pending, p_dist, p_const,
+    n_slots, n_partials, max_chunks, n_dist, numel_total,
+    MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused."""
+    o_t = tl.arange(0, BLOCK_T)
+    zero = tl.full([], 0.0, dtype=tl.float64)
+    b_pxx = tl.load(p_pxx)
+    if MOMENTUM:
+        b_pxu = tl.load(p_pxu)
+        b_puu = tl.load(p_puu)
+    else:
+        b_pxu = zero
+        b_puu = zero
+
+    # ---------------------------------------------------------------- 1. pending predict
+    if TAIL:
+        pending = tl.load(p_pending) != 0
+        b_qx = tl.load(p_qx)
+        b_acc = tl.zeros([BLOCK_T], dtype=tl.float64)
+        for i in range(0, n_dist, BLOCK_T):
+            b_acc += tl.load(p_dist + i + o_t, mask=i + o_t < n_dist, other=0.0)
+        dist = tl.sqrt(tl.sum(b_acc, axis=0)) / numel_total.to(tl.float64)
+        beta = tl.load(p_const + C_BETA)
+        one_minus_beta = tl.load(p_const + C_ONE_MINUS_BETA)
+        a = tl.load(p_const + C_A)
+        qx_new = b_qx * beta + one_minus_beta * dist
+        pxx_new = b_pxx + 2.0 * b_pxu + b_puu + qx_new
+        pxu_new = a * (b_pxu + b_puu)
+        puu_new = tl.load(p_const + C_A2) * b_puu + tl.load(p_const + C_QV)
+        b_qx = tl.where(pending, qx_new, b_qx)
+        b_pxx = tl.where(pending, pxx_new, b_pxx)
+        b_pxu = tl.where(pending, pxu_new, b_pxu)
+        b_puu = tl.where(pending, puu_new, b_puu)
+        tl.store(p_qx, b_qx)
+        tl.store(p_pending, 0)
+
+    # ---------------------------------------------------------------- 2. measurement
+    if MEASURE:
+        b_r = tl.load(p_r)
+        loss = tl.load(p_loss)
+        # Finite loss, second moment and gradient norms <=> this probe is 0 (NaN otherwise);
+        # "every gradient norm finite" <=> the sum of all their chunk partials is finite.
+        b_tot = tl.zeros([BLOCK_T], dtype=tl.float64)
+        for i in range(0, 3 * n_partials, BLOCK_T):
+            o = i + o_t
+            b_tot += tl.load(p_partials + o, mask=(o < 3 * n_partials) & (o % 3 != 2), other=0.0)
+        probe = loss * 0.0 + tl.sum(b_tot * 0.0, axis=0)
+        if ADAPTIVE:
+            loss_sq = tl.load(p_loss_sq)
+            probe = probe + loss_sq * 0.0
+        finite = probe == 0
+        # the same condition as a block (Triton's interpreter mistypes a scalar bool `&` a block)
+        m_finite = (tl.zeros([BLOCK_T], dtype=tl.float64) + probe) == 0
+        if ADAPTIVE:
+            ema = tl.load(p_const + C_ALPHA) * b_r + tl.load(p_const + C_ONE_MINUS_ALPHA) * loss_sq
+            noise = tl.where(finite, ema, b_r)
+        else:
+            noise = b_r
+
+        largest = zero
+        for t0 in range(0, n_slots, BLOCK_T):
+            o_s = t0 + o_t
+            m_s = o_s < n_slots
+            c_first = tl.load(p_slot_chunks + 2 * o_s, mask=m_s, other=0)
+            c_count = tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0)
+            b_gg = tl.zeros([BLOCK_T], dtype=tl.float64)
+            b_dd = tl.zeros([BLOCK_T], dtype=tl.float64)
+            b_xx = tl.zeros([BLOCK_T], dtype=tl.float64)
+            for j in range(0, max_chunks):
+                m_j = m_s & (j < c_count)
+                p_j = p_partials + 3 * (c_first + j)
+                b_gg += tl.load(p_j, mask=m_j, other=0.0)
+                b_dd += tl.load(p_j + 1, mask=m_j, other=0.0)
+                b_xx += tl.load(p_j + 2, mask=m_j, other=0.0)
+            b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
+            b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
+            b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
+            ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
+            g_sq = tl.where(ok, b_dd, 0.0)
+            reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
+            reg_loss = tl.where(ok, reg_loss, 0.0)
+            scale = b_lr * reg_loss / tl.where(ok, b_pxx * g_sq + noise, 1.0)
+            p_c = p_coef + 3 * o_s
+            tl.store(p_c, scale * b_pxx, mask=m_s)
+            tl.store(p_c + 1, scale * b_pxu, mask=m_s)
+            tl.store(p_c + 2, ok.to(tl.float64), mask=m_s)
+            largest = tl.maximum(largest, tl.max(g_sq, axis=0))
+
+        s_max = b_pxx * largest + noise
+        informative = s_max > 0
+        s_max = tl.where(informative, s_max, 1.0)
+        rho = tl.where(informative, noise / s_max, 1.0)
+        if MOMENTUM:
+            det = b_pxx * b_puu - b_pxu * b_pxu
+            b_puu = tl.where(informative, (largest * det + noise * b_puu) / s_max, b_puu)
+            b_pxu = b_pxu * rho
+        b_pxx = b_pxx * rho
+        tl.store(p_r, noise)
+        tl.store(p_step, tl.load(p_step) + 1)
+        tl.store(p_skipped, tl.load(p_skipped) + tl.where(finite, 0, 1).to(tl.int64))
+
+    tl.store(p_pxx, b_pxx)
+    if MOMENTUM:
+        tl.store(p_pxu, b_pxu)
+        tl.store(p_puu, b_puu)

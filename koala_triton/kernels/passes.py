@@ -1,0 +1,211 @@
+r"""The elementwise multi-tensor passes of KOALA (plain functions; ``launch`` compiles them).
+
+Every pass runs one program per *chunk* of a table (``tables.py``): the program loads its row
+(array addresses, element count, slot), then walks its chunk in tiles of ``BLOCK`` elements.
+Loads are upcast to the compute type ``CT`` (float32, or float64 for float64 parameters), stores
+cast back to the array's type ``DT``; offsets and addresses are int64.
+
+Passes and bytes per fp32 parameter (each array read or written once):
+
+- ``norms_kernel`` (before every measurement update): reads g, and x where weight decay is on;
+  writes per-chunk partial sums of ‖g‖², ‖g̃‖² (g̃ = g + wd·x) and ‖x‖². 4 B (8 B with wd).
+- ``step_kernel`` (the measurement update): x ← x − c_x·d (d = g̃, or g for KOALA-V's
+  ``raw_grad_step``); KOALA-M also u ← s·u − c_u·g̃ and xavg ← xavg + 0.1·(x − xavg). Tensors the
+  filter skipped are not touched. KOALA-V 12 B; KOALA-M 28 B.
+  With ``FOLD`` (KOALA-M, opt-in) it also performs the next predict's elementwise part:
+  x ← x + u, and writes the partial sums of ‖xavg − x‖² the next predict needs; 28 B, the
+  predict pass disappears.
+- ``predict_kernel`` (KOALA-M predict): partial sums of ‖xavg − x‖² (x before the move), then
+  x ← x + s_x·u and, unless the velocity is kept deferred (fold mode), u ← a·u. 20 B.
+
+Non-finite products are zeroed exactly like the PyTorch path's ``nan_to_num_`` on the deltas.
+Per-chunk partial sums accumulate in ``CT`` over the chunk (a fixed tree: deterministic) and are
+stored as float64; the filter kernel adds the chunks of a tensor in chunk order.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+# Row columns (tables.py).
+COL_X = tl.constexpr(0)
+COL_G = tl.constexpr(1)
+COL_U = tl.constexpr(2)
+COL_A = tl.constexpr(3)
+COL_NUMEL = tl.constexpr(4)
+COL_SLOT = tl.constexpr(5)
+NCOL = tl.constexpr(8)
+
+
+def norms_kernel(
+    p_chunks, p_rows, p_wd, p_partials,
+    chunk_base,
+    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64).
+
+    ``p_wd`` [k] float64: weight decay by slot; where it is 0 the ‖g̃‖² slot repeats ‖g‖² and
+    x is not read.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_row = tl.load(p_chunks + 2 * i_c)
+    o_start = tl.load(p_chunks + 2 * i_c + 1)
+    p_row = p_rows + i_row * NCOL
+    n = tl.load(p_row + COL_NUMEL)
+    i_slot = tl.load(p_row + COL_SLOT)
+    p_x = tl.load(p_row + COL_X).to(tl.pointer_type(DT))
+    p_g = tl.load(p_row + COL_G).to(tl.pointer_type(DT))
+    b_wd64 = tl.load(p_wd + i_slot)
+    b_wd = b_wd64.to(CT)
+    decayed = b_wd64 != 0
+
+    b_gg = tl.zeros([BLOCK], dtype=CT)
+    b_dd = tl.zeros([BLOCK], dtype=CT)
+    b_xx = tl.zeros([BLOCK], dtype=CT)
+    n_here = tl.minimum(n - o_start, CHUNK)
+    for i in range(0, n_here, BLOCK):
+        o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+        m_e = o_e < n
+        b_g = tl.load(p_g + o_e, mask=m_e, other=0.0).to(CT)
+        b_gg += b_g * b_g
+        if decayed:
+            b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
+            b_d = b_g + b_wd * b_x
+            b_dd += b_d * b_d
+            b_xx += b_x * b_x
+    s_gg = tl.sum(b_gg, axis=0).to(tl.float64)
+    s_dd = tl.where(decayed, tl.sum(b_dd, axis=0).to(tl.float64), s_gg)
+    s_xx = tl.sum(b_xx, axis=0).to(tl.float64)
+    p_out = p_partials + 3 * (chunk_base + i_c)
+    tl.store(p_out, s_gg)
+    tl.store(p_out + 1, s_dd)
+    tl.store(p_out + 2, s_xx)
+
+
+def step_kernel(
+    p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending,
+    chunk_base, u_scale, avg_weight,
+    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr, FOLD: tl.constexpr,
+):
+    """The measurement update of every row; with ``FOLD`` also the next predict's move.
+
+    ``p_coef`` [k, 3] float64 by slot: (c_x, c_u, updated) from the filter kernel. A row with
+    slot -1 (``FOLD`` only: a tensor without a gradient) is not measured. ``u_scale`` (fp32)
+    multiplies the stored velocity before use: 1 after a plain predict, a^j while the
+    velocity is kept deferred (fold mode). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_row = tl.load(p_chunks + 2 * i_c)
+    o_start = tl.load(p_chunks + 2 * i_c + 1)
+    p_row = p_rows + i_row * NCOL
+    n = tl.load(p_row + COL_NUMEL)
+    i_slot = tl.load(p_row + COL_SLOT)
+    has_slot = i_slot >= 0
+    i_s = tl.maximum(i_slot, 0)
+    b_upd = tl.load(p_coef + 3 * i_s + 2, mask=has_slot, other=0.0)
+    b_cx = tl.load(p_coef + 3 * i_s, mask=has_slot, other=0.0).to(CT)
+    b_cu = tl.load(p_coef + 3 * i_s + 1, mask=has_slot, other=0.0).to(CT)
+    b_wd64 = tl.load(p_wd + i_s, mask=has_slot, other=0.0)
+    b_wd = b_wd64.to(CT)
+    decayed = b_wd64 != 0
+    updated = b_upd != 0
+    p_x = tl.load(p_row + COL_X).to(tl.pointer_type(DT))
+    p_g = tl.load(p_row + COL_G).to(tl.pointer_type(DT))
+    p_u = tl.load(p_row + COL_U).to(tl.pointer_type(DT))
+    p_a = tl.load(p_row + COL_A).to(tl.pointer_type(DT))
+    n_here = tl.minimum(n - o_start, CHUNK)
+    # Gradient mask: only updated rows read g. (A scalar condition is folded into the bound,
+    # never `&`-ed onto a block mask: Triton's interpreter mistypes that broadcast.)
+    n_g = tl.where(updated, n, 0)
+
+    if FOLD:
+        b_dist = tl.zeros([BLOCK], dtype=CT)
+        for i in range(0, n_here, BLOCK):
+            o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+            m_e = o_e < n
+            m_g = o_e < n_g
+            b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
+            b_u = tl.load(p_u + o_e, mask=m_e, other=0.0).to(CT) * u_scale
+            b_a = tl.load(p_a + o_e, mask=m_e, other=0.0).to(CT)
+            b_g = tl.load(p_g + o_e, mask=m_g, other=0.0).to(CT)
+            b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
+            b_dx = b_cx * b_d
+            b_du = b_cu * b_d
+            b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
+            b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
+            # the posterior, rounded to the parameter dtype as the unfolded path stores it
+            b_x1 = (b_x - b_dx).to(DT).to(CT)
+            b_u1 = (b_u - b_du).to(DT).to(CT)
+            b_a1 = (b_a + avg_weight * (b_x1 - b_a)).to(DT).to(CT)
+            b_a1 = tl.where(updated, b_a1, b_a)
+            tl.store(p_a + o_e, b_a1.to(DT), mask=m_g)
+            # the next predict: its distance term, then the move (velocity kept deferred)
+            b_gap = b_a1 - b_x1
+            b_dist += b_gap * b_gap
+            tl.store(p_x + o_e, (b_x1 + b_u1).to(DT), mask=m_e)
+            tl.store(p_u + o_e, b_u1.to(DT), mask=m_e)
+        tl.store(p_dist + chunk_base + i_c, tl.sum(b_dist, axis=0).to(tl.float64))
+        if i_c == 0:
+            tl.store(p_pending, 1)
+    else:
+        if updated:
+            for i in range(0, n_here, BLOCK):
+                o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+                m_e = o_e < n
+                b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
+                b_g = tl.load(p_g + o_e, mask=m_e, other=0.0).to(CT)
+                b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
+                if RAW_STEP:
+                    b_dx = b_cx * b_g
+                else:
+                    b_dx = b_cx * b_d
+                b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
+                b_x1 = (b_x - b_dx).to(DT)
+                tl.store(p_x + o_e, b_x1, mask=m_e)
+                if MOMENTUM:
+                    b_u = tl.load(p_u + o_e, mask=m_e, other=0.0).to(CT) * u_scale
+                    b_du = b_cu * b_d
+                    b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
+                    tl.store(p_u + o_e, (b_u - b_du).to(DT), mask=m_e)
+                    b_a = tl.load(p_a + o_e, mask=m_e, other=0.0).to(CT)
+                    b_a1 = b_a + avg_weight * (b_x1.to(CT) - b_a)
+                    tl.store(p_a + o_e, b_a1.to(DT), mask=m_e)
+
+
+def predict_kernel(
+    p_chunks, p_rows, p_dist, p_pending,
+    chunk_base, x_scale, u_mult,
+    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    SCALE_U: tl.constexpr,
+):
+    """KOALA-M predict's elementwise part over every parameter.
+
+    Writes the per-chunk partial sums of ‖xavg − x‖² (x before the move) into ``p_dist`` and
+    raises the filter's ``pending`` flag (the scalar part runs in the next filter kernel); then
+    x ← x + x_scale·u and, with ``SCALE_U``, u ← u_mult·u.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_row = tl.load(p_chunks + 2 * i_c)
+    o_start = tl.load(p_chunks + 2 * i_c + 1)
+    p_row = p_rows + i_row * NCOL
+    n = tl.load(p_row + COL_NUMEL)
+    p_x = tl.load(p_row + COL_X).to(tl.pointer_type(DT))
+    p_u = tl.load(p_row + COL_U).to(tl.pointer_type(DT))
+    p_a = tl.load(p_row + COL_A).to(tl.pointer_type(DT))
+    b_dist = tl.zeros([BLOCK], dtype=CT)
+    n_here = tl.minimum(n - o_start, CHUNK)
+    for i in range(0, n_here, BLOCK):
+        o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+        m_e = o_e < n
+        b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
+        b_u = tl.load(p_u + o_e, mask=m_e, other=0.0).to(CT)
+        b_a = tl.load(p_a + o_e, mask=m_e, other=0.0).to(CT)
+        b_gap = b_a - b_x
+        b_dist += b_gap * b_gap
+        tl.store(p_x + o_e, (b_x + x_scale * b_u).to(DT), mask=m_e)
+        if SCALE_U:
+            tl.store(p_u + o_e, (u_mult * b_u).to(DT), mask=m_e)
+    tl.store(p_dist + chunk_base + i_c, tl.sum(b_dist, axis=0).to(tl.float64))
+    if i_c == 0:
+        tl.store(p_pending, 1)
