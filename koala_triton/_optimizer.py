@@ -90,8 +90,18 @@ class KoalaOptimizer(Optimizer):
         """The global filter: live 0-dim float64 tensors (int64 counters ``step``, ``skipped_steps``).
 
         Between ``predict()`` and the update they hold the prior; afterwards the posterior.
+        (The Triton path defers the scalar part of KOALA-M's predict into the next kernel;
+        reading this property applies it first, so read it again after ``predict()`` rather
+        than keeping the dict from before.)
         """
+        self._settle_filter()
         return self._filter
+
+    def _settle_filter(self) -> None:
+        """Let the implementation finish deferred scalar filter work (no-op on the PyTorch path)."""
+        settle = getattr(self._impl, "settle_filter", None)
+        if settle is not None:
+            settle(self._filter, self._impl_cache)
 
     @property
     def uses_triton(self) -> bool:
@@ -253,6 +263,7 @@ class KoalaOptimizer(Optimizer):
         """The usual ``Optimizer`` state dict plus a ``"koala"`` entry with the global filter
         (float64, never cast to a parameter's dtype), the filter hyper-parameters and whether
         a predict is pending."""
+        self._settle_filter()
         state = super().state_dict()
         state["koala"] = {
             "filter": {k: v.detach().clone() for k, v in self._filter.items()},
@@ -274,6 +285,9 @@ class KoalaOptimizer(Optimizer):
             self._filter[key].copy_(value.to(self._filter[key].dtype))
         self._hyper.update(koala["hyper"])
         self._predicted = bool(koala["predicted"])
+        # Deferred work of the implementation (a pending predict tail) belonged to the replaced
+        # filter; tables and buffers are rebuilt on the next step.
+        self._impl_cache.clear()
 
     # ------------------------------------------------------------------ subclass hooks
     def _initial_filter(self) -> dict[str, float]:
