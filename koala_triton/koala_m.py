@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -34,6 +35,14 @@ class KoalaM(KoalaOptimizer):
         qw: initial process noise of the weights (then adapted, see above).
         qv: process noise of the velocities.
         r, alpha_r, weight_decay, eps, fused: as in :class:`KoalaV`.
+        fold_predict: Triton path only (opt-in). Each update also performs the *next*
+            predict's elementwise part in the same pass (36 instead of 56 bytes per fp32
+            parameter per step); :meth:`predict` after an update then does nothing. Between
+            steps the weights therefore hold the prediction x⁺ + u⁺, not the posterior x⁺
+            (evaluate inside :meth:`posterior_weights`), ``state[p]["velocity"]`` holds the
+            posterior velocity u⁺ (the predicted one is a·u⁺, formed inside the next update),
+            and ``filter_state`` the prior of the next step. Checkpoints saved in this mode
+            load only into ``fold_predict=True`` optimizers.
 
     The gradient should be taken at the predicted weights: call :meth:`predict` before the
     forward pass, or use ``step(closure)``. ``step(loss=...)`` without a preceding predict
@@ -59,6 +68,7 @@ class KoalaM(KoalaOptimizer):
         weight_decay: float = 0.0,
         eps: float = 1e-9,
         fused: bool | None = None,
+        fold_predict: bool = False,
     ):
         sw_f = _validation.check_nonnegative("sw", sw)
         sv_f = _validation.check_nonnegative("sv", sv)
@@ -74,7 +84,18 @@ class KoalaM(KoalaOptimizer):
             r=_validation.check_optional_nonnegative("r", r),
             alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
         )
+        fold = _validation.check_bool("fold_predict", fold_predict)
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
+        if fold and not self._use_triton:
+            raise ValueError(
+                "fold_predict=True folds predict into the Triton update pass: it needs the Triton "
+                "path (fused=True, or CUDA parameters with fused=None)"
+            )
+        self._fold = fold
+        #: fold mode: the last update already performed the next predict (predict() skips it)
+        self._fold_pending = False
+        #: fold mode: predicts applied since the last update (the velocity buffer holds u⁺)
+        self._fold_predicts = 0
 
     def _init_param_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
@@ -90,17 +111,27 @@ class KoalaM(KoalaOptimizer):
 
     def _predict(self) -> None:
         params = self._all_params()
+        velocities = [self.state[p]["velocity"] for p in params]
+        averages = [self.state[p]["xavg"] for p in params]
+        h = self._hyper
+        if self._fold:
+            if self._fold_pending:  # the last update did it
+                self._fold_pending = False
+                return
+            self._impl.koala_m_predict_deferred(
+                params, velocities, averages, self._filter, a=h["a"], qv=h["qv"],
+                position_scale=h["a"] ** self._fold_predicts, cache=self._impl_cache,
+            )
+            self._fold_predicts += 1
+            return
         self._impl.koala_m_predict(
-            params,
-            [self.state[p]["velocity"] for p in params],
-            [self.state[p]["xavg"] for p in params],
-            self._filter,
-            a=self._hyper["a"],
-            qv=self._hyper["qv"],
-            cache=self._impl_cache,
+            params, velocities, averages, self._filter, a=h["a"], qv=h["qv"], cache=self._impl_cache,
         )
 
     def _implicit_predict(self) -> None:
+        if self._fold_pending:  # fold mode: the last update already predicted, no warning
+            self.predict()
+            return
         if not self._warned_implicit_predict:
             warnings.warn(
                 "KoalaM.step(loss=...) was called without predict(): predicting now, so this "
@@ -114,9 +145,80 @@ class KoalaM(KoalaOptimizer):
     def _measure(self, loss, loss_sq_mean) -> None:
         plan = self._plan()
         h = self._hyper
+        if self._fold:
+            params = self._all_params()
+            self._impl.koala_m_update_folded(
+                plan, params,
+                [self.state[p]["velocity"] for p in params],
+                [self.state[p]["xavg"] for p in params],
+                self._filter, loss, loss_sq_mean, r=h["r"], alpha_r=h["alpha_r"], a=h["a"], qv=h["qv"],
+                velocity_scale=h["a"] ** self._fold_predicts, cache=self._impl_cache,
+            )
+            self._fold_pending = True
+            self._fold_predicts = 1
+            return
         self._impl.koala_m_update(
             plan,
             [self.state[p]["velocity"] for p in plan.params],
             [self.state[p]["xavg"] for p in plan.params],
             self._filter, loss, loss_sq_mean, r=h["r"], alpha_r=h["alpha_r"], cache=self._impl_cache,
         )
+
+    # ------------------------------------------------------------------ fold mode
+    @contextlib.contextmanager
+    def posterior_weights(self):
+        """Context manager: the parameters hold the posterior weights x⁺ inside the block.
+
+        With ``fold_predict=True`` the weights between steps are the prediction x⁺ + u⁺ (plus
+        a·u⁺ per extra predict); inside the block they are x⁺ (recomputed as x − s·u⁺, one
+        rounding), and the exact previous values are restored on exit (one temporary copy of
+        the weights). In the default mode the weights after an update already are x⁺ and this
+        is a no-op; between predict() and the update it raises.
+
+        Example::
+
+            with opt.posterior_weights():
+                val_loss = evaluate(model)
+        """
+        if not self._fold:
+            if self._predicted:
+                raise RuntimeError("posterior_weights(): between predict() and the update the "
+                                   "posterior of this step does not exist yet")
+            yield
+            return
+        if self._fold_predicts == 0:
+            yield
+            return
+        a = self._hyper["a"]
+        shift = sum(a ** i for i in range(self._fold_predicts))
+        params = self._all_params()
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for p in params:
+                p.sub_(self.state[p]["velocity"], alpha=shift)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self._fold:
+            state["koala"]["fold"] = {"pending": self._fold_pending, "predicts": self._fold_predicts}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        fold = (state_dict.get("koala") or {}).get("fold")
+        predicted = bool((state_dict.get("koala") or {}).get("predicted", False))
+        if fold is not None and fold["predicts"] > 0 and not self._fold:
+            raise ValueError("this state_dict was saved by KoalaM(fold_predict=True) between steps (its "
+                             "weights are predicted): load it into KoalaM(fold_predict=True)")
+        if fold is None and self._fold and predicted:
+            raise ValueError("this state_dict was saved between predict() and the update without "
+                             "fold_predict: load it into KoalaM(fold_predict=False)")
+        super().load_state_dict(state_dict)
+        if self._fold:
+            self._fold_pending = bool(fold["pending"]) if fold else False
+            self._fold_predicts = int(fold["predicts"]) if fold else 0
