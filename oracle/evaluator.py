@@ -6,8 +6,9 @@ evaluated at the working precision). What the EKF does not give is written here,
 marked with its KOALA.md section; its constants are Rationals too:
 
 * the skip rule: a tensor is skipped when its grad is None or ‖grad‖₂ < eps (§2, group eps);
-* a non-finite loss, loss_var or gradient skips the whole measurement update (counted in
-  ``skipped_steps``); ``step`` counts update calls;
+* a non-finite loss, gradient or (while R is estimated) loss_var skips the whole measurement
+  update (counted in ``skipped_steps``); ``step`` counts update calls; with a fixed r the
+  loss_var is not an input and is ignored;
 * the R estimator R ← β_R·R + (1 - β_R)·m2, updated before use, starting at 1 (§4);
 * KOALA-M's qx estimator qx ← 9/10·qx + 1/10·D with D = ‖concat(xavg_i - x_i)‖₂ / n over all
   tensors, and the weight average xavg_i ← 9/10·xavg_i + 1/10·x_i after each tensor's step (§3);
@@ -156,7 +157,7 @@ class TensorTrace:
 class UpdateTrace:
     skipped: bool                 # the whole measurement update (non-finite input)
     loss: mpmath.mpf
-    loss_var: mpmath.mpf
+    loss_var: mpmath.mpf | None   # None with a fixed r
     R: mpmath.mpf                 # the R used (after its EMA update)
     tensors: list
     h: mpmath.mpf                 # max over updated tensors (0 if none)
@@ -208,9 +209,13 @@ class _KoalaOracle:
         """Convert the inputs, decide whether the update runs, update R. Returns (L, m2, grads)."""
         if len(grads) != len(self.x):
             raise ValueError(f"{len(grads)} gradients for {len(self.x)} parameters")
-        L, m2 = exact(loss), exact(loss_var)
+        adaptive = self.r_fixed is None
+        if adaptive and loss_var is None:
+            raise ValueError("loss_var is required when R is estimated (r=None)")
+        L = exact(loss)
+        m2 = exact(loss_var) if adaptive else None  # an input only while R is estimated
         g = [None if gr is None else vector(gr) for gr in grads]
-        finite = mpmath.isfinite(L) and mpmath.isfinite(m2) and all(
+        finite = mpmath.isfinite(L) and (not adaptive or mpmath.isfinite(m2)) and all(
             all(mpmath.isfinite(v) for v in gi) for gi in g if gi is not None)
         self.step_count += 1
         if not finite:
@@ -245,7 +250,7 @@ class _KoalaOracle:
         with mpmath.workdps(DPS):
             v = vector(per_sample_losses)
             loss = mpmath.fsum(v) / len(v)
-            loss_var = mpmath.fsum(e * e for e in v) / len(v)
+            loss_var = mpmath.fsum(e * e for e in v) / len(v) if self.r_fixed is None else None
         self.update(loss, loss_var, grads)
 
 

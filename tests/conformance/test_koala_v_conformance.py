@@ -1,0 +1,25 @@
+"""KoalaV against the oracle's KOALA-V (KOALA.md §2, §4), every state entry at every step."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conformance import harness
+from tests.conformance.scenarios import ids, scenarios
+
+pytestmark = pytest.mark.conformance
+
+SCENARIOS = scenarios("V")
+
+
+@pytest.mark.parametrize("dtype", harness.DTYPES, ids=[harness.DTYPE_IDS[d] for d in harness.DTYPES])
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids(SCENARIOS))
+def test_koala_v_each_step_within_the_error_model_of_its_dtype(scenario, dtype, impl, device):
+    steps = harness.run_restarted("V", scenario, dtype, impl, device)
+    assert steps == len(scenario.steps)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids(SCENARIOS))
+def test_koala_v_float64_trajectory_follows_the_oracle(scenario, impl, device):
+    worst = harness.run_free("V", scenario, impl, device)
+    assert worst >= 0  # the comparisons inside raise with the first element off
