@@ -33,6 +33,7 @@ class Mode:
     cases: tuple[tuple[str, str], ...]
     rounds: int          # timed rounds per benchmark (the median is over these)
     round_s: float       # target length of one round; iterations per round are sized to it
+    max_case_s: float    # timed rounds of one benchmark stop near this (never fewer than 3)
     copy_bytes: int      # buffer size of the device-to-device copy reference
 
 
@@ -44,18 +45,18 @@ MODES = {
     # CI on a 2-core CPU: every provider runs, tensor counts of the real models kept, sizes small.
     "smoke": Mode(_pairs(["resnet18-w16"], ["fp32", "bf16"])
                   + _pairs(["gpt2-tiny", "many-small-200x1K", "huge-1x4M"], ["fp32"]),
-                  rounds=5, round_s=0.005, copy_bytes=64 * 2 ** 20),
+                  rounds=5, round_s=0.005, max_case_s=1.0, copy_bytes=64 * 2 ** 20),
     # Full sizes that a small CPU finishes in ~15 minutes (GPT-2 small fp32 included).
     "full-cpu": Mode(_pairs(["resnet18", "resnet50", "gpt2-small", "many-small-1000x1K",
                              "huge-1x64M"], ["fp32"])
                      + _pairs(["resnet18"], ["bf16"]),
-                     rounds=7, round_s=0.1, copy_bytes=512 * 2 ** 20),
+                     rounds=7, round_s=0.1, max_case_s=60.0, copy_bytes=512 * 2 ** 20),
     # One H100/H200 in a few minutes: the real models in fp32, then in bf16.
     "full-cuda": Mode(_pairs(["gpt2-small", "resnet18", "resnet50", "gpt2-medium",
                               "many-small-1000x1K", "huge-1x256M"], ["fp32"])
                       + _pairs(["gpt2-small", "resnet18", "resnet50", "gpt2-medium",
                                 "many-small-1000x1K", "huge-1x256M"], ["bf16"]),
-                      rounds=10, round_s=0.01, copy_bytes=2 ** 30),
+                      rounds=10, round_s=0.01, max_case_s=1.5, copy_bytes=2 ** 30),
 }
 
 

@@ -93,9 +93,15 @@ def count_launches(fn: Callable[[], None], device: torch.device) -> dict:
             synchronize(device)
     events = prof.events()
     if device.type == "cuda":
-        dev = [e for e in events if e.device_type == DeviceType.CUDA]
+        dev = [e for e in events if e.device_type == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)
+               and "annotation" not in str(getattr(e, "activity_type", "") or "")]
         copies = sum(1 for e in dev if "memcpy" in e.name.lower() or "memset" in e.name.lower())
+        # Host side, for cross-checking: runtime/driver launch and async-copy calls.
+        api = sum(1 for e in events if e.device_type == DeviceType.CPU and (
+            "LaunchKernel" in e.name or e.name in ("cudaMemcpyAsync", "cudaMemsetAsync")))
         return {"launches_per_step": len(dev), "kernels_per_step": len(dev) - copies,
+                "launch_api_calls_per_step": api,
                 "launches_counted": "CUDA device activities (kernels + memcpy/memset)"}
 
     def top_level(e) -> bool:
