@@ -3,11 +3,15 @@
 Sync-free (no ``.item()``, every data-dependent choice is a mask on the device) and valid on
 any device torch supports. It is the reference the Triton kernels are tested against.
 
-``cache`` (a dict owned by the optimizer, for the Triton path's pointer tables) is unused here.
-
 Precision: squared norms accumulate in float32 (float64 for float64 params); the scalar filter
 runs in float64 (``_filter``); each elementwise update is computed in float32 (float64 for
 float64 params) and rounded once into the parameter's dtype.
+
+Memory: every pass is in place except one scaled copy of the step direction per tensor, which
+is written into a scratch buffer (compute dtype, the parameter's shape). On CPU the buffers are
+kept in ``cache`` and reused, because a fresh allocation of that size costs more than the
+arithmetic (page faults); on CUDA the caching allocator already makes them cheap, so they are
+allocated per step and the optimizer holds no extra memory between steps.
 """
 
 from __future__ import annotations
@@ -26,10 +30,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _to_compute(tensors: list[Tensor]) -> list[Tensor]:
-    return [t if t.dtype == compute_dtype(t.dtype) else t.to(compute_dtype(t.dtype)) for t in tensors]
-
-
 def squared_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
     """[k] float64 vector of ‖t‖² for each tensor, accumulated in its compute dtype."""
     if not tensors:
@@ -42,22 +42,41 @@ def squared_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
     return norms * norms
 
 
-def _directions(plan: StepPlan) -> tuple[list[Tensor], list[Tensor]]:
-    """Raw gradients and regularised gradients g̃ = grad + wd·x, both in compute dtype."""
-    raw = _to_compute(plan.grads)
-    plain = plan.num_plain
-    if plain == len(raw):
-        return raw, raw
-    decayed = torch._foreach_mul(_to_compute(plan.params[plain:]), plan.decay)
-    torch._foreach_add_(decayed, raw[plain:])
-    return raw, list(raw[:plain]) + list(decayed)
+def scratch(cache: dict | None, keys: list[int], like: list[Tensor]) -> list[Tensor]:
+    """One buffer per tensor of ``like`` (same shape, compute dtype), reused on CPU."""
+    store = cache.setdefault("scratch", {}) if cache is not None else {}
+    keep = like[0].device.type == "cpu" if like else False
+    out = []
+    for key, t in zip(keys, like):
+        buf = store.get(key) if keep else None
+        if buf is None or buf.shape != t.shape or buf.dtype != compute_dtype(t.dtype) or buf.device != t.device:
+            buf = torch.empty(t.shape, dtype=compute_dtype(t.dtype), device=t.device)
+            if keep:
+                store[key] = buf
+        out.append(buf)
+    return out
 
 
-def _measurement(plan: StepPlan, raw, regularised, loss, loss_sq_mean, device) -> _filter.Measurement:
+def _regularised_directions(plan: StepPlan, buffers: list[Tensor]) -> list[Tensor]:
+    """g̃_i = grad_i + wd_i·x_i in compute dtype: the grad itself where no copy is needed,
+    else written into ``buffers[i]``."""
+    directions = []
+    for i, (p, g, buf) in enumerate(zip(plan.params, plan.grads, buffers)):
+        decayed = i >= plan.num_plain
+        if not decayed and g.dtype == buf.dtype:
+            directions.append(g)
+            continue
+        buf.copy_(g)
+        if decayed:
+            buf.add_(p, alpha=plan.decay[i - plan.num_plain])
+        directions.append(buf)
+    return directions
+
+
+def _measurement(plan: StepPlan, directions, loss, loss_sq_mean, device) -> _filter.Measurement:
     plain = plan.num_plain
-    grad_sq = squared_norms(raw, device)
-    decayed_sq = squared_norms(regularised[plain:], device)
-    reg_grad_sq = torch.cat([grad_sq[:plain], decayed_sq])
+    grad_sq = squared_norms(plan.grads, device)
+    reg_grad_sq = torch.cat([grad_sq[:plain], squared_norms(directions[plain:], device)])
     param_sq = torch.cat(
         [torch.zeros(plain, dtype=FLOAT, device=device), squared_norms(plan.params[plain:], device)]
     )
@@ -73,26 +92,45 @@ def _measurement(plan: StepPlan, raw, regularised, loss, loss_sq_mean, device) -
     )
 
 
-def _subtract_scaled(targets: list[Tensor], directions: list[Tensor], coef: Tensor) -> None:
-    """targets[i] -= coef[i] · directions[i], with a non-finite product forced to 0.
+def _sanitised(step_directions, buffers) -> list[Tensor]:
+    """buffers[i] = step_directions[i] with every non-finite element replaced by 0.
 
-    A coefficient is exactly 0 wherever the step is skipped, but 0·NaN is NaN: the
-    ``nan_to_num_`` keeps a poisoned gradient from reaching the weights on a skipped step.
+    On a finite step this is an exact copy. On a skipped step every coefficient is exactly 0,
+    but 0·NaN is NaN: zeroing non-finite elements is what keeps a poisoned gradient from
+    reaching the weights. Folding the coefficient into the following ``addcmul_`` keeps the
+    whole step at two passes over the gradient.
     """
-    if not targets:
-        return
-    deltas = torch._foreach_mul(directions, list(coef.unbind()))
-    for d in deltas:
-        torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
-    torch._foreach_sub_(targets, deltas)
+    for d, buf in zip(step_directions, buffers):
+        if d is buf:
+            torch.nan_to_num_(buf, nan=0.0, posinf=0.0, neginf=0.0)
+        elif d.dtype == buf.dtype:
+            torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=buf)
+        else:  # low-precision gradient: widen into the float32 buffer first
+            torch.nan_to_num_(buf.copy_(d), nan=0.0, posinf=0.0, neginf=0.0)
+    return buffers
+
+
+def _measure_and_step_weights(plan, filt, loss, loss_sq_mean, *, r, alpha_r, momentum, raw_grad_step, cache):
+    """Shared by both variants: norms, the filter's measurement update, and x -= coef_x·d.
+
+    Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
+    device = filt["R"].device
+    buffers = scratch(cache, plan.indices, plan.params)
+    directions = _regularised_directions(plan, buffers)
+    m = _measurement(plan, directions, loss, loss_sq_mean, device)
+    gains = _filter.measure(filt, m, r=r, alpha_r=alpha_r, momentum=momentum)
+    steps = _sanitised(plan.grads if raw_grad_step else directions, buffers)
+    if steps:
+        torch._foreach_addcmul_(plan.params, steps, list((-gains.coef_x).unbind()))
+    return gains, steps
 
 
 def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_grad_step, cache=None) -> None:
     """KOALA-V measurement update of every tensor in ``plan`` and of the filter ``filt``."""
-    raw, regularised = _directions(plan)
-    m = _measurement(plan, raw, regularised, loss, loss_sq_mean, filt["p"].device)
-    gains = _filter.measure(filt, m, r=r, alpha_r=alpha_r, momentum=False)
-    _subtract_scaled(plan.params, raw if raw_grad_step else regularised, gains.coef_x)
+    _measure_and_step_weights(
+        plan, filt, loss, loss_sq_mean, r=r, alpha_r=alpha_r, momentum=False,
+        raw_grad_step=raw_grad_step, cache=cache,
+    )
 
 
 def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, cache=None) -> None:
@@ -100,9 +138,13 @@ def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, 
     device = filt["Pxx"].device
     numel = sum(p.numel() for p in params)
     if params:
-        gaps = torch._foreach_sub(_to_compute(averages), _to_compute(params))
+        gaps = scratch(cache, list(range(len(params))), params)
+        for gap, avg, p in zip(gaps, averages, params):
+            if p.dtype == gap.dtype:
+                torch.sub(avg, p, out=gap)
+            else:  # low precision: form the difference in float32
+                gap.copy_(avg).sub_(p)
         distance = squared_norms(gaps, device).sum().sqrt() / max(numel, 1)
-        del gaps
         torch._foreach_add_(params, velocities)
         torch._foreach_mul_(velocities, a)
     else:
@@ -112,11 +154,12 @@ def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, 
 
 def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mean, *, r, alpha_r, cache=None) -> None:
     """KOALA-M measurement update; ``velocities``/``averages`` align with ``plan.params``."""
-    raw, regularised = _directions(plan)
-    m = _measurement(plan, raw, regularised, loss, loss_sq_mean, filt["Pxx"].device)
-    gains = _filter.measure(filt, m, r=r, alpha_r=alpha_r, momentum=True)
-    _subtract_scaled(plan.params, regularised, gains.coef_x)
-    _subtract_scaled(velocities, regularised, gains.coef_u)
-    if plan.params:
-        weights = list((gains.updated * (1.0 - _filter.QX_BETA)).unbind())
-        torch._foreach_lerp_(averages, plan.params, weights)
+    gains, steps = _measure_and_step_weights(
+        plan, filt, loss, loss_sq_mean, r=r, alpha_r=alpha_r, momentum=True,
+        raw_grad_step=False, cache=cache,
+    )
+    if not steps:
+        return
+    torch._foreach_addcmul_(velocities, steps, list((-gains.coef_u).unbind()))
+    weights = list((gains.updated * (1.0 - _filter.QX_BETA)).unbind())
+    torch._foreach_lerp_(averages, plan.params, weights)

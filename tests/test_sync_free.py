@@ -1,0 +1,56 @@
+"""The PyTorch path never reads a device value on the host inside predict/step.
+
+On CPU there is no CUDA sync-debug mode, so the test forbids the host reads themselves:
+``Tensor.item``, ``tolist``, ``__bool__`` (a Python ``if`` on a tensor), ``__float__``,
+``__int__`` and ``__index__`` raise while a step runs. Each of them is a device-to-host
+synchronisation on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from koala_triton import KoalaM, KoalaV
+
+HOST_READS = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
+
+
+@contextlib.contextmanager
+def forbid_host_reads(monkeypatch):
+    def boom(name):
+        def raiser(self, *args, **kwargs):
+            raise AssertionError(f"host read Tensor.{name} inside a step")
+        return raiser
+
+    with monkeypatch.context() as m:
+        for name in HOST_READS:
+            m.setattr(torch.Tensor, name, boom(name))
+        yield
+
+
+def test_the_guard_itself_catches_a_host_read(monkeypatch):
+    t = torch.ones(())
+    with forbid_host_reads(monkeypatch), pytest.raises(AssertionError, match="host read"):
+        if t > 0:  # noqa: SIM108 - the point is the implicit __bool__
+            pass
+
+
+@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+@pytest.mark.parametrize("r", [None, 0.5], ids=["adaptive-R", "fixed-R"])
+def test_predict_and_step_do_not_read_device_values(cls, r, monkeypatch):
+    a = torch.randn(5, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    c = torch.randn(4, requires_grad=True)
+    opt = cls([{"params": [a, b]}, {"params": [c], "weight_decay": 0.1, "lr": torch.tensor(0.5)}], r=r)
+    for step in range(3):
+        a.grad = torch.randn(5, 3)
+        b.grad = None if step == 1 else torch.full((3,), float("nan") if step == 2 else 1.0)
+        c.grad = torch.randn(4)
+        losses = torch.rand(6)
+        with forbid_host_reads(monkeypatch):
+            opt.predict()
+            opt.step(loss=losses)
+    assert int(opt.filter_state["skipped_steps"]) == 1
