@@ -331,3 +331,19 @@ def test_training_reduces_the_loss():
             losses.mean().backward()
             opt.step(loss=losses)
         assert float(_per_sample(model, x, y).mean()) < 0.2 * first, cls.__name__
+
+
+@BOTH
+def test_add_param_group_after_construction_joins_the_same_filter(cls):
+    a = torch.ones(3, requires_grad=True)
+    opt = cls([a])
+    b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    opt.add_param_group({"params": [b], "lr": 0.5})
+    if cls is KoalaM:
+        assert torch.equal(opt.state[b]["velocity"], torch.zeros(2, dtype=torch.float64))
+    opt.predict()
+    a.grad, b.grad = torch.ones(3), torch.ones(2, dtype=torch.float64)
+    opt.step(loss=torch.rand(4))
+    assert not torch.equal(b.detach(), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [torch.ones(2, device="meta", requires_grad=True)]})
