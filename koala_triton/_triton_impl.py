@@ -28,7 +28,7 @@ from ._plan import StepPlan
 from .kernels import tables
 from .kernels.filter import filter_kernel
 from .kernels.launch import blocks_for, launch
-from .kernels.passes import norms_kernel, predict_kernel, step_kernel
+from .kernels.passes import fold_kernel, norms_kernel, predict_kernel, update_kernel
 
 import triton.language as tl
 
@@ -153,21 +153,22 @@ def _measure(plan: StepPlan, table: tables.Table, filt, cache, device, *, loss, 
     return coef
 
 
-def _launch_step(table, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
-                 u_scale=1.0, dist=None, pending=None) -> None:
+def _launch_update(table, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
+                   u_scale=1.0, dist=None, pending=None) -> None:
     blocks = blocks_for(device)
     for group in table.groups:
         if group.n_chunks == 0:
             continue
         dt, ct = _types(group.dtype)
-        launch(
-            step_kernel, (group.n_chunks,), device,
+        common = dict(
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef,
-            p_dist=dist if fold else coef, p_pending=pending if fold else coef,
             chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=1.0 - _filter.QX_BETA,
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block,
-            MOMENTUM=momentum, RAW_STEP=raw_step, FOLD=fold, num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
         )
+        if fold:
+            launch(fold_kernel, (group.n_chunks,), device, p_dist=dist, p_pending=pending, **common)
+        else:
+            launch(update_kernel, (group.n_chunks,), device, MOMENTUM=momentum, RAW_STEP=raw_step, **common)
 
 
 def _device(filt) -> torch.device:
@@ -185,7 +186,7 @@ def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_
     binding.stage_in()
     coef = _measure(plan, table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
                     r=r, alpha_r=alpha_r, momentum=False)
-    _launch_step(table, plan.weight_decay, coef, device, momentum=False, raw_step=raw_grad_step)
+    _launch_update(table, plan.weight_decay, coef, device, momentum=False, raw_step=raw_grad_step)
     binding.stage_back()
 
 
@@ -233,7 +234,7 @@ def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mea
     binding.stage_in()
     coef = _measure(plan, table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
                     r=r, alpha_r=alpha_r, momentum=True)
-    _launch_step(table, plan.weight_decay, coef, device, momentum=True)
+    _launch_update(table, plan.weight_decay, coef, device, momentum=True)
     binding.stage_back()
 
 
@@ -285,7 +286,7 @@ def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, lo
                     r=r, alpha_r=alpha_r, momentum=True)
     if all_table.n_chunks == 0:
         pending.fill_(1)
-    _launch_step(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
+    _launch_update(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                  u_scale=velocity_scale, dist=dist, pending=pending)
     binding.stage_back()
     cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=sum(p.numel() for p in params),

@@ -22,6 +22,13 @@ from __future__ import annotations
 
 import triton.language as tl
 
+# Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
+# (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
+# inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
+# functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+
 C_ALPHA = tl.constexpr(0)
 C_ONE_MINUS_ALPHA = tl.constexpr(1)
 C_A = tl.constexpr(2)
@@ -54,10 +61,10 @@ def filter_kernel(
     if TAIL:
         pending = tl.load(p_pending) != 0
         b_qx = tl.load(p_qx)
-        b_acc = tl.zeros([BLOCK_T], dtype=tl.float64)
+        b_acc = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
         for i in range(0, n_dist, BLOCK_T):
             b_acc += tl.load(p_dist + i + o_t, mask=i + o_t < n_dist, other=0.0)
-        dist = tl.sqrt(tl.sum(b_acc, axis=0)) / numel_total.to(tl.float64)
+        dist = tl.sqrt(tl.reduce(b_acc, 0, _SUM)) / numel_total.to(tl.float64)
         beta = tl.load(p_const + C_BETA)
         one_minus_beta = tl.load(p_const + C_ONE_MINUS_BETA)
         a = tl.load(p_const + C_A)
@@ -78,17 +85,17 @@ def filter_kernel(
         loss = tl.load(p_loss)
         # Finite loss, second moment and gradient norms <=> this probe is 0 (NaN otherwise);
         # "every gradient norm finite" <=> the sum of all their chunk partials is finite.
-        b_tot = tl.zeros([BLOCK_T], dtype=tl.float64)
+        b_tot = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
         for i in range(0, 3 * n_partials, BLOCK_T):
             o = i + o_t
             b_tot += tl.load(p_partials + o, mask=(o < 3 * n_partials) & (o % 3 != 2), other=0.0)
-        probe = loss * 0.0 + tl.sum(b_tot * 0.0, axis=0)
+        probe = loss * 0.0 + tl.reduce(b_tot * 0.0, 0, _SUM)
         if ADAPTIVE:
             loss_sq = tl.load(p_loss_sq)
             probe = probe + loss_sq * 0.0
         finite = probe == 0
         # the same condition as a block (Triton's interpreter mistypes a scalar bool `&` a block)
-        m_finite = (tl.zeros([BLOCK_T], dtype=tl.float64) + probe) == 0
+        m_finite = (tl.full([BLOCK_T], 0.0, dtype=tl.float64) + probe) == 0
         if ADAPTIVE:
             ema = tl.load(p_const + C_ALPHA) * b_r + tl.load(p_const + C_ONE_MINUS_ALPHA) * loss_sq
             noise = tl.where(finite, ema, b_r)
@@ -101,9 +108,9 @@ def filter_kernel(
             m_s = o_s < n_slots
             c_first = tl.load(p_slot_chunks + 2 * o_s, mask=m_s, other=0)
             c_count = tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0)
-            b_gg = tl.zeros([BLOCK_T], dtype=tl.float64)
-            b_dd = tl.zeros([BLOCK_T], dtype=tl.float64)
-            b_xx = tl.zeros([BLOCK_T], dtype=tl.float64)
+            b_gg = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
+            b_dd = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
+            b_xx = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
             for j in range(0, max_chunks):
                 m_j = m_s & (j < c_count)
                 p_j = p_partials + 3 * (c_first + j)
@@ -122,7 +129,7 @@ def filter_kernel(
             tl.store(p_c, scale * b_pxx, mask=m_s)
             tl.store(p_c + 1, scale * b_pxu, mask=m_s)
             tl.store(p_c + 2, ok.to(tl.float64), mask=m_s)
-            largest = tl.maximum(largest, tl.max(g_sq, axis=0))
+            largest = tl.maximum(largest, tl.reduce(g_sq, 0, _MAX))
 
         s_max = b_pxx * largest + noise
         informative = s_max > 0

@@ -9,14 +9,21 @@ Passes and bytes per fp32 parameter (each array read or written once):
 
 - ``norms_kernel`` (before every measurement update): reads g, and x where weight decay is on;
   writes per-chunk partial sums of ‖g‖², ‖g̃‖² (g̃ = g + wd·x) and ‖x‖². 4 B (8 B with wd).
-- ``step_kernel`` (the measurement update): x ← x − c_x·d (d = g̃, or g for KOALA-V's
+- ``update_kernel`` (the measurement update): x ← x − c_x·d (d = g̃, or g for KOALA-V's
   ``raw_grad_step``); KOALA-M also u ← s·u − c_u·g̃ and xavg ← xavg + 0.1·(x − xavg). Tensors the
   filter skipped are not touched. KOALA-V 12 B; KOALA-M 28 B.
-  With ``FOLD`` (KOALA-M, opt-in) it also performs the next predict's elementwise part:
-  x ← x + u, and writes the partial sums of ‖xavg − x‖² the next predict needs; 28 B, the
-  predict pass disappears.
+- ``fold_kernel`` (KOALA-M, opt-in fold mode): the same update, then the next predict's
+  elementwise part in registers (x ← x + u) and the partial sums of ‖xavg − x‖² the next
+  predict needs; 28 B, and the predict pass disappears.
 - ``predict_kernel`` (KOALA-M predict): partial sums of ‖xavg − x‖² (x before the move), then
   x ← x + s_x·u and, unless the velocity is kept deferred (fold mode), u ← a·u. 20 B.
+
+Tiles: each program first walks the full tiles of its chunk without a mask, then one masked
+tail tile (``for PHASE in tl.static_range(2)``). Together with the alignment hints (every
+address is 16-byte aligned, which ``tables.bind`` guarantees by staging any tensor that is not,
+and chunk starts are multiples of ``CHUNK``) this lets the compiler emit 128-bit vector loads
+and stores; a mask on every tile would not (its bound is loaded from the table, so the
+compiler cannot prove whole vectors share it).
 
 Non-finite products are zeroed exactly like the PyTorch path's ``nan_to_num_`` on the deltas.
 Per-chunk partial sums accumulate in ``CT`` over the chunk (a fixed tree: deterministic) and are
@@ -26,6 +33,16 @@ stored as float64; the filter kernel adds the chunks of a tensor in chunk order.
 from __future__ import annotations
 
 import triton.language as tl
+
+# Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
+# (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
+# inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
+# functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+
+#: Address alignment the host guarantees (bytes); see ``tables.bind``.
+ALIGN = tl.constexpr(16)
 
 # Row columns (tables.py).
 COL_X = tl.constexpr(0)
@@ -49,55 +66,138 @@ def norms_kernel(
     """
     i_c = tl.program_id(0).to(tl.int64)
     i_row = tl.load(p_chunks + 2 * i_c)
-    o_start = tl.load(p_chunks + 2 * i_c + 1)
+    o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
     p_row = p_rows + i_row * NCOL
     n = tl.load(p_row + COL_NUMEL)
     i_slot = tl.load(p_row + COL_SLOT)
-    p_x = tl.load(p_row + COL_X).to(tl.pointer_type(DT))
-    p_g = tl.load(p_row + COL_G).to(tl.pointer_type(DT))
+    p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
+    p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
     b_wd64 = tl.load(p_wd + i_slot)
     b_wd = b_wd64.to(CT)
     decayed = b_wd64 != 0
 
-    b_gg = tl.zeros([BLOCK], dtype=CT)
-    b_dd = tl.zeros([BLOCK], dtype=CT)
-    b_xx = tl.zeros([BLOCK], dtype=CT)
+    b_gg = tl.full([BLOCK], 0.0, dtype=CT)
+    b_dd = tl.full([BLOCK], 0.0, dtype=CT)
+    b_xx = tl.full([BLOCK], 0.0, dtype=CT)
     n_here = tl.minimum(n - o_start, CHUNK)
-    for i in range(0, n_here, BLOCK):
-        o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
-        m_e = o_e < n
-        b_g = tl.load(p_g + o_e, mask=m_e, other=0.0).to(CT)
-        b_gg += b_g * b_g
-        if decayed:
-            b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
-            b_d = b_g + b_wd * b_x
-            b_dd += b_d * b_d
-            b_xx += b_x * b_x
-    s_gg = tl.sum(b_gg, axis=0).to(tl.float64)
-    s_dd = tl.where(decayed, tl.sum(b_dd, axis=0).to(tl.float64), s_gg)
-    s_xx = tl.sum(b_xx, axis=0).to(tl.float64)
+    n_full = n_here // BLOCK * BLOCK
+    for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
+        if PHASE == 0:
+            i_lo = 0
+            i_hi = n_full
+        else:
+            i_lo = n_full
+            i_hi = n_here
+        for i in range(i_lo, i_hi, BLOCK):
+            o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+            if PHASE == 0:
+                m_e = None
+                zero = None
+            else:
+                m_e = o_e < n
+                zero = 0.0
+            b_g = tl.load(p_g + o_e, mask=m_e, other=zero).to(CT)
+            b_gg += b_g * b_g
+            if decayed:
+                b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
+                b_d = b_g + b_wd * b_x
+                b_dd += b_d * b_d
+                b_xx += b_x * b_x
+    s_gg = tl.reduce(b_gg, 0, _SUM).to(tl.float64)
+    s_dd = tl.where(decayed, tl.reduce(b_dd, 0, _SUM).to(tl.float64), s_gg)
+    s_xx = tl.reduce(b_xx, 0, _SUM).to(tl.float64)
     p_out = p_partials + 3 * (chunk_base + i_c)
     tl.store(p_out, s_gg)
     tl.store(p_out + 1, s_dd)
     tl.store(p_out + 2, s_xx)
 
 
-def step_kernel(
-    p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending,
+def update_kernel(
+    p_chunks, p_rows, p_wd, p_coef,
     chunk_base, u_scale, avg_weight,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr, FOLD: tl.constexpr,
+    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr,
 ):
-    """The measurement update of every row; with ``FOLD`` also the next predict's move.
+    """The measurement update of every row (every row has a slot).
 
-    ``p_coef`` [k, 3] float64 by slot: (c_x, c_u, updated) from the filter kernel. A row with
-    slot -1 (``FOLD`` only: a tensor without a gradient) is not measured. ``u_scale`` (fp32)
-    multiplies the stored velocity before use: 1 after a plain predict, a^j while the
-    velocity is kept deferred (fold mode). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
+    ``p_coef`` [k, 3] float64 by slot: (c_x, c_u, updated) from the filter kernel; a row the
+    filter did not update is not touched. ``u_scale`` (fp32) multiplies the stored velocity
+    before use (1 after a plain predict). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
     """
     i_c = tl.program_id(0).to(tl.int64)
     i_row = tl.load(p_chunks + 2 * i_c)
-    o_start = tl.load(p_chunks + 2 * i_c + 1)
+    p_row = p_rows + i_row * NCOL
+    i_slot = tl.load(p_row + COL_SLOT)
+    b_upd = tl.load(p_coef + 3 * i_slot + 2)
+    if b_upd != 0:
+        o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
+        n = tl.load(p_row + COL_NUMEL)
+        b_cx = tl.load(p_coef + 3 * i_slot).to(CT)
+        b_wd64 = tl.load(p_wd + i_slot)
+        b_wd = b_wd64.to(CT)
+        decayed = b_wd64 != 0
+        p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
+        p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
+        if MOMENTUM:
+            b_cu = tl.load(p_coef + 3 * i_slot + 1).to(CT)
+            p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
+            p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
+        n_here = tl.minimum(n - o_start, CHUNK)
+        n_full = n_here // BLOCK * BLOCK
+        for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
+            if PHASE == 0:
+                i_lo = 0
+                i_hi = n_full
+            else:
+                i_lo = n_full
+                i_hi = n_here
+            for i in range(i_lo, i_hi, BLOCK):
+                o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+                if PHASE == 0:
+                    m_e = None
+                    zero = None
+                else:
+                    m_e = o_e < n
+                    zero = 0.0
+                b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
+                b_g = tl.load(p_g + o_e, mask=m_e, other=zero).to(CT)
+                b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
+                if RAW_STEP:
+                    b_dx = b_cx * b_g
+                else:
+                    b_dx = b_cx * b_d
+                b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
+                b_x1 = (b_x - b_dx).to(DT)
+                tl.store(p_x + o_e, b_x1, mask=m_e)
+                if MOMENTUM:
+                    b_u = tl.load(p_u + o_e, mask=m_e, other=zero).to(CT) * u_scale
+                    b_du = b_cu * b_d
+                    b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
+                    tl.store(p_u + o_e, (b_u - b_du).to(DT), mask=m_e)
+                    b_a = tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+                    b_a1 = b_a + avg_weight * (b_x1.to(CT) - b_a)
+                    tl.store(p_a + o_e, b_a1.to(DT), mask=m_e)
+
+
+def fold_kernel(
+    p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending,
+    chunk_base, u_scale, avg_weight,
+    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """KOALA-M fold mode: the measurement update, then the next predict's elementwise part.
+
+    Rows are *all* parameters; slot -1 marks one without a gradient this step (not measured,
+    still moved). The velocity buffer holds the deferred u⁺: the predicted velocity is
+    ``u_scale``·u (a^j after j predicts). Per element, in registers:
+    û = s·u; x⁺ = x − c_x·g̃; u⁺ = û − c_u·g̃; xavg⁺ = xavg + 0.1·(x⁺ − xavg) (updated rows only);
+    partial ‖xavg⁺ − x⁺‖² for the next D; then x ← x⁺ + u⁺ and u ← u⁺ (the next prediction,
+    velocity kept deferred). The posterior values are rounded to the parameter dtype before
+    the predict uses them, as the unfolded path stores and reloads them. Raises ``pending``.
+    Rows that are not updated read no gradient and write no xavg.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_row = tl.load(p_chunks + 2 * i_c)
+    o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
     p_row = p_rows + i_row * NCOL
     n = tl.load(p_row + COL_NUMEL)
     i_slot = tl.load(p_row + COL_SLOT)
@@ -110,67 +210,53 @@ def step_kernel(
     b_wd = b_wd64.to(CT)
     decayed = b_wd64 != 0
     updated = b_upd != 0
-    p_x = tl.load(p_row + COL_X).to(tl.pointer_type(DT))
-    p_g = tl.load(p_row + COL_G).to(tl.pointer_type(DT))
-    p_u = tl.load(p_row + COL_U).to(tl.pointer_type(DT))
-    p_a = tl.load(p_row + COL_A).to(tl.pointer_type(DT))
+    p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
+    p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
+    p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
+    p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
     n_here = tl.minimum(n - o_start, CHUNK)
-    # Gradient mask: only updated rows read g. (A scalar condition is folded into the bound,
-    # never `&`-ed onto a block mask: Triton's interpreter mistypes that broadcast.)
-    n_g = tl.where(updated, n, 0)
-
-    if FOLD:
-        b_dist = tl.zeros([BLOCK], dtype=CT)
-        for i in range(0, n_here, BLOCK):
+    n_full = n_here // BLOCK * BLOCK
+    b_dist = tl.full([BLOCK], 0.0, dtype=CT)
+    for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
+        if PHASE == 0:
+            i_lo = 0
+            i_hi = n_full
+        else:
+            i_lo = n_full
+            i_hi = n_here
+        for i in range(i_lo, i_hi, BLOCK):
             o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
-            m_e = o_e < n
-            m_g = o_e < n_g
-            b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
-            b_u = tl.load(p_u + o_e, mask=m_e, other=0.0).to(CT) * u_scale
-            b_a = tl.load(p_a + o_e, mask=m_e, other=0.0).to(CT)
-            b_g = tl.load(p_g + o_e, mask=m_g, other=0.0).to(CT)
-            b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
-            b_dx = b_cx * b_d
-            b_du = b_cu * b_d
-            b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
-            b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
-            # the posterior, rounded to the parameter dtype as the unfolded path stores it
-            b_x1 = (b_x - b_dx).to(DT).to(CT)
-            b_u1 = (b_u - b_du).to(DT).to(CT)
-            b_a1 = (b_a + avg_weight * (b_x1 - b_a)).to(DT).to(CT)
-            b_a1 = tl.where(updated, b_a1, b_a)
-            tl.store(p_a + o_e, b_a1.to(DT), mask=m_g)
-            # the next predict: its distance term, then the move (velocity kept deferred)
+            if PHASE == 0:
+                m_e = None
+                zero = None
+            else:
+                m_e = o_e < n
+                zero = 0.0
+            b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
+            b_u = tl.load(p_u + o_e, mask=m_e, other=zero).to(CT) * u_scale
+            b_a = tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+            if updated:
+                b_g = tl.load(p_g + o_e, mask=m_e, other=zero).to(CT)
+                b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
+                b_dx = b_cx * b_d
+                b_du = b_cu * b_d
+                b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
+                b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
+                b_x1 = (b_x - b_dx).to(DT).to(CT)
+                b_u1 = (b_u - b_du).to(DT).to(CT)
+                b_a1 = (b_a + avg_weight * (b_x1 - b_a)).to(DT).to(CT)
+                tl.store(p_a + o_e, b_a1.to(DT), mask=m_e)
+            else:
+                b_x1 = b_x
+                b_u1 = b_u.to(DT).to(CT)
+                b_a1 = b_a
             b_gap = b_a1 - b_x1
             b_dist += b_gap * b_gap
             tl.store(p_x + o_e, (b_x1 + b_u1).to(DT), mask=m_e)
             tl.store(p_u + o_e, b_u1.to(DT), mask=m_e)
-        tl.store(p_dist + chunk_base + i_c, tl.sum(b_dist, axis=0).to(tl.float64))
-        if i_c == 0:
-            tl.store(p_pending, 1)
-    else:
-        if updated:
-            for i in range(0, n_here, BLOCK):
-                o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
-                m_e = o_e < n
-                b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
-                b_g = tl.load(p_g + o_e, mask=m_e, other=0.0).to(CT)
-                b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
-                if RAW_STEP:
-                    b_dx = b_cx * b_g
-                else:
-                    b_dx = b_cx * b_d
-                b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
-                b_x1 = (b_x - b_dx).to(DT)
-                tl.store(p_x + o_e, b_x1, mask=m_e)
-                if MOMENTUM:
-                    b_u = tl.load(p_u + o_e, mask=m_e, other=0.0).to(CT) * u_scale
-                    b_du = b_cu * b_d
-                    b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
-                    tl.store(p_u + o_e, (b_u - b_du).to(DT), mask=m_e)
-                    b_a = tl.load(p_a + o_e, mask=m_e, other=0.0).to(CT)
-                    b_a1 = b_a + avg_weight * (b_x1.to(CT) - b_a)
-                    tl.store(p_a + o_e, b_a1.to(DT), mask=m_e)
+    tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, _SUM).to(tl.float64))
+    if i_c == 0:
+        tl.store(p_pending, 1)
 
 
 def predict_kernel(
@@ -187,25 +273,38 @@ def predict_kernel(
     """
     i_c = tl.program_id(0).to(tl.int64)
     i_row = tl.load(p_chunks + 2 * i_c)
-    o_start = tl.load(p_chunks + 2 * i_c + 1)
+    o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
     p_row = p_rows + i_row * NCOL
     n = tl.load(p_row + COL_NUMEL)
-    p_x = tl.load(p_row + COL_X).to(tl.pointer_type(DT))
-    p_u = tl.load(p_row + COL_U).to(tl.pointer_type(DT))
-    p_a = tl.load(p_row + COL_A).to(tl.pointer_type(DT))
-    b_dist = tl.zeros([BLOCK], dtype=CT)
+    p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
+    p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
+    p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
+    b_dist = tl.full([BLOCK], 0.0, dtype=CT)
     n_here = tl.minimum(n - o_start, CHUNK)
-    for i in range(0, n_here, BLOCK):
-        o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
-        m_e = o_e < n
-        b_x = tl.load(p_x + o_e, mask=m_e, other=0.0).to(CT)
-        b_u = tl.load(p_u + o_e, mask=m_e, other=0.0).to(CT)
-        b_a = tl.load(p_a + o_e, mask=m_e, other=0.0).to(CT)
-        b_gap = b_a - b_x
-        b_dist += b_gap * b_gap
-        tl.store(p_x + o_e, (b_x + x_scale * b_u).to(DT), mask=m_e)
-        if SCALE_U:
-            tl.store(p_u + o_e, (u_mult * b_u).to(DT), mask=m_e)
-    tl.store(p_dist + chunk_base + i_c, tl.sum(b_dist, axis=0).to(tl.float64))
+    n_full = n_here // BLOCK * BLOCK
+    for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
+        if PHASE == 0:
+            i_lo = 0
+            i_hi = n_full
+        else:
+            i_lo = n_full
+            i_hi = n_here
+        for i in range(i_lo, i_hi, BLOCK):
+            o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+            if PHASE == 0:
+                m_e = None
+                zero = None
+            else:
+                m_e = o_e < n
+                zero = 0.0
+            b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
+            b_u = tl.load(p_u + o_e, mask=m_e, other=zero).to(CT)
+            b_a = tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+            b_gap = b_a - b_x
+            b_dist += b_gap * b_gap
+            tl.store(p_x + o_e, (b_x + x_scale * b_u).to(DT), mask=m_e)
+            if SCALE_U:
+                tl.store(p_u + o_e, (u_mult * b_u).to(DT), mask=m_e)
+    tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, _SUM).to(tl.float64))
     if i_c == 0:
         tl.store(p_pending, 1)
