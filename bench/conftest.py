@@ -50,7 +50,7 @@ MODES = {
     "full-cpu": Mode(_pairs(["resnet18", "resnet50", "gpt2-small", "many-small-1000x1K",
                              "huge-1x64M"], ["fp32"])
                      + _pairs(["resnet18"], ["bf16"]),
-                     rounds=7, round_s=0.1, max_case_s=60.0, copy_bytes=512 * 2 ** 20),
+                     rounds=11, round_s=0.1, max_case_s=60.0, copy_bytes=512 * 2 ** 20),
     # One H100/H200 in a few minutes: the real models in fp32, then in bf16.
     "full-cuda": Mode(_pairs(["gpt2-small", "resnet18", "resnet50", "gpt2-medium",
                               "many-small-1000x1K", "huge-1x256M"], ["fp32"])

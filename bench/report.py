@@ -41,6 +41,7 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
             row = dict(extra)
             row["median_s"] = stats.get("median", extra.get("median_s"))
             row["iqr_s"] = stats.get("iqr", extra.get("iqr_s"))
+            row["min_s"] = stats.get("min")
             row["rounds"] = stats.get("rounds")
             rows.append(row)
     return rows, provenance
@@ -99,7 +100,7 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
             f"triton {p.get('triton')}, koala_triton {p.get('koala_triton')}; "
             f"{p.get('threads')} CPU threads; mode `{p.get('mode')}`; date {p.get('date')}; "
             f"commit {str(p.get('commit'))[:10]}; file `{Path(p['file']).name}`",
-            f"- **Copy bandwidth** (device-to-device `copy_`, measured in the same run): "
+            f"- **Copy bandwidth** (device-to-device `copy_`, best of 20, measured in the same run): "
             f"{_f(p.get('copy_gbps'), '.1f')} GB/s",
         ]
         if p.get("loadavg_1min_max") is not None:
@@ -116,7 +117,8 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
         "measured, else the foreach one (named in each table). **× SGD-m**: over SGD with "
         "momentum (foreach). **× floor**: time over (KOALA.md §7 bytes per parameter × "
         "parameters ÷ copy bandwidth); GB/s counts those floor bytes, not what an implementation "
-        "really moves.",
+        "really moves. On a CPU a copy's stores also read their cache lines, so in-place "
+        "updates can exceed 100 % of the copy bandwidth there.",
         "- **Launches**: per step from torch.profiler (CUDA: kernels + memcpy/memset on the "
         "device; CPU: top-level ATen ops). **Host syncs**: synchronising CUDA calls in one step "
         "(`torch.cuda.set_sync_debug_mode`).",
@@ -132,13 +134,14 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
             f"Baseline for × AdamW: **{base_label}**"
             + (" (no fused AdamW was measured in this run)" if base == "adamw_foreach" else ""),
             "",
-            "| optimizer | median ms | IQR ms | × AdamW | × SGD-m | floor B/param | GB/s "
+            "| optimizer | median ms | IQR ms | min ms | × AdamW | × SGD-m | floor B/param | GB/s "
             "| % copy BW | × floor | launches/step | host syncs | state B/param |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for r in group:
             lines.append(
                 f"| {r['label']} | {_f(r['median_s'] * 1e3, '.3f')} | {_f(r['iqr_s'] * 1e3, '.3f')} "
+                f"| {_f(r['min_s'] * 1e3 if r.get('min_s') else None, '.3f')} "
                 f"| {_f(r['x_baseline'], '.2f')} | {_f(r['x_sgdm'], '.2f')} "
                 f"| {_f(r['bytes_per_param_floor'], 'g')} | {_f(r.get('achieved_gbps'), '.1f')} "
                 f"| {_f(100 * r['fraction_of_copy_bw'] if r.get('fraction_of_copy_bw') else None, '.1f')} "
@@ -181,40 +184,46 @@ def short_table(groups) -> str:
 
 
 def plot(groups, provenance: list[dict], path: Path) -> None:
-    """Time relative to the AdamW baseline, one panel per dtype, log scale."""
+    """Two log-scale panels over every (set, dtype): step time relative to the AdamW baseline,
+    and relative to the KOALA.md §7 bytes floor at the measured copy bandwidth."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    dtypes = sorted({d for _, d in groups}, key=lambda d: (d != "fp32", d))
+    keys = list(groups)
     providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p
                                                   for g in groups.values() for r in g)]
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 2.2 * len(groups)), 4.2 * len(dtypes)),
-                             squeeze=False)
+    fig, axes = plt.subplots(2, 1, figsize=(max(9, 1.9 * len(keys) + 3.5), 8.5), sharex=True)
     cmap = plt.get_cmap("tab20")
     width = 0.8 / max(1, len(providers))
-    for ax, dtype in zip(axes[:, 0], dtypes):
-        sets = [s for s, d in groups if d == dtype]
+    panels = (("x_baseline", "step time / AdamW baseline"),
+              ("x_floor", "step time / bytes-floor time"))
+    for ax, (field, ylabel) in zip(axes, panels):
         for j, prov in enumerate(providers):
             xs, ys = [], []
-            for i, s in enumerate(sets):
-                r = next((r for r in groups[(s, dtype)] if r["provider"] == prov), None)
-                if r is not None and r["x_baseline"]:
+            for i, key in enumerate(keys):
+                r = next((r for r in groups[key] if r["provider"] == prov), None)
+                if r is not None and r.get(field):
                     xs.append(i + (j - (len(providers) - 1) / 2) * width)
-                    ys.append(r["x_baseline"])
+                    ys.append(r[field])
             if xs:
                 ax.bar(xs, ys, width=width, color=cmap(j % 20), label=PROVIDERS[prov].label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        ax.set_xlim(-0.6, max(len(sets), 2) - 0.4)
-        ax.set_xticks(range(len(sets)))
-        ax.set_xticklabels([f"{s}\n{groups[(s, dtype)][0]['tensors']} tensors" for s in sets])
-        bases = {groups[(s, dtype)][0]["baseline"] for s in sets}
-        ax.set_ylabel("step time / AdamW " + "/".join(
-            sorted(b.split("_")[1] for b in bases if b)) + " (log)")
-        ax.set_title(f"{dtype}")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.set_ylabel(ylabel + " (log)")
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper left")
+        ax.set_xlim(-0.6, len(keys) - 0.4)
+    bases = sorted({g[0]["baseline"] for g in groups.values() if g[0]["baseline"]})
+    axes[0].set_title("baseline: " + ", ".join(PROVIDERS[b].label for b in bases if b in PROVIDERS),
+                      fontsize=9)
+    axes[1].set_title("bytes floor: KOALA.md §7 bytes per parameter at the measured copy bandwidth",
+                      fontsize=9)
+    axes[1].set_xticks(range(len(keys)))
+    axes[1].set_xticklabels([f"{s}\n{d}, {groups[(s, d)][0]['tensors']} tensors" for s, d in keys],
+                            fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     p = provenance[0] if provenance else {}
     fig.suptitle(f"One optimizer iteration on {p.get('device_name')} — torch {p.get('torch')}, "
                  f"triton {p.get('triton')}, {str(p.get('date'))[:10]}, mode {p.get('mode')}",

@@ -124,7 +124,7 @@ def _fake_run(tmp_path, with_fused=True):
         prov = PROVIDERS[provider]
         return {
             "group": f"{set_name} {dtype}", "name": f"test_optimizer_step[{provider}]",
-            "stats": {"median": median, "iqr": median / 10, "rounds": 5},
+            "stats": {"median": median, "iqr": median / 10, "min": median * 0.9, "rounds": 5},
             "extra_info": {
                 "set": set_name, "dtype": dtype, "provider": provider, "label": prov.label,
                 "family": prov.family, "impl": prov.impl, "params": 1000, "tensors": 4,
@@ -158,11 +158,15 @@ def test_report_ratios_and_files(tmp_path, capsys, with_fused, baseline):
     md = (out / "report.md").read_text()
     assert f"Baseline for × AdamW: **{baseline}**" in md
     assert ("no fused AdamW was measured" in md) is (not with_fused)
-    row = next(line for line in md.splitlines() if line.startswith("| KoalaV (PyTorch)"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3] == ("1.00" if with_fused else "0.50")   # × AdamW
-    assert cells[4] == "2.00"                               # × SGD-m
-    assert cells[8] == "125.00"  # 2 ms over (16 kB at 1 GB/s = 16 µs)
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| optimizer |"))
+    row = next(line for line in lines if line.startswith("| KoalaV (PyTorch)"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["× AdamW"] == ("1.00" if with_fused else "0.50")
+    assert cells["× SGD-m"] == "2.00"
+    assert cells["× floor"] == "125.00"  # 2 ms over (16 kB at 1 GB/s = 16 µs)
+    assert cells["median ms"] == "2.000" and cells["state B/param"] == "8.00"
     assert "test CPU" in md and "KoalaV (PyTorch)" in capsys.readouterr().out
 
 
