@@ -7,11 +7,12 @@
 
 Every option also reads an environment variable (KOALA_BENCH, KOALA_BENCH_DEVICE,
 KOALA_BENCH_SETS, KOALA_BENCH_DTYPES, KOALA_BENCH_PROVIDERS, KOALA_BENCH_THREADS,
-KOALA_BENCH_BUDGET_S); the command line wins.
+KOALA_BENCH_ROUNDS, KOALA_BENCH_BUDGET_S); the command line wins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -76,6 +77,9 @@ def pytest_addoption(parser):
     group.addoption("--koala-threads", type=int,
                     default=int(os.environ.get("KOALA_BENCH_THREADS", "0")),
                     help="torch.set_num_threads for the run (0: leave torch's default)")
+    group.addoption("--koala-rounds", type=int,
+                    default=int(os.environ.get("KOALA_BENCH_ROUNDS", "0")),
+                    help="timed rounds per benchmark (0: the mode's number)")
     group.addoption("--koala-budget-s", type=float,
                     default=float(os.environ.get("KOALA_BENCH_BUDGET_S", "0")),
                     help="skip the remaining benchmarks once this many seconds have passed "
@@ -143,7 +147,9 @@ def device(pytestconfig) -> torch.device:
 
 @pytest.fixture(scope="session")
 def mode(pytestconfig) -> Mode:
-    return MODES[bench_mode_name(pytestconfig)]
+    mode = MODES[bench_mode_name(pytestconfig)]
+    rounds = pytestconfig.getoption("--koala-rounds")
+    return dataclasses.replace(mode, rounds=rounds) if rounds else mode
 
 
 @pytest.fixture(scope="session")
