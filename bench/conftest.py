@@ -7,7 +7,7 @@
 
 Every option also reads an environment variable (KOALA_BENCH, KOALA_BENCH_DEVICE,
 KOALA_BENCH_SETS, KOALA_BENCH_DTYPES, KOALA_BENCH_PROVIDERS, KOALA_BENCH_THREADS,
-KOALA_BENCH_ROUNDS, KOALA_BENCH_BUDGET_S); the command line wins.
+KOALA_BENCH_ROUNDS, KOALA_BENCH_PAIRED, KOALA_BENCH_BUDGET_S); the command line wins.
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ def pytest_addoption(parser):
     group.addoption("--koala-threads", type=int,
                     default=int(os.environ.get("KOALA_BENCH_THREADS", "0")),
                     help="torch.set_num_threads for the run (0: leave torch's default)")
+    group.addoption("--koala-paired", default=os.environ.get("KOALA_BENCH_PAIRED", ""),
+                    help="also time each provider in alternation with this one (e.g. "
+                         "sgdm_foreach) on the same parameters and record the median ratio: "
+                         "robust to other load on a shared CPU")
     group.addoption("--koala-rounds", type=int,
                     default=int(os.environ.get("KOALA_BENCH_ROUNDS", "0")),
                     help="timed rounds per benchmark (0: the mode's number)")
@@ -119,7 +123,8 @@ def bench_cases(config) -> list[tuple[str, str, str]]:
         if d not in DTYPES:
             raise pytest.UsageError(f"unknown dtype {d!r}; known: {list(DTYPES)}")
     providers = _csv(config.getoption("--koala-providers")) or list(PROVIDERS)
-    for p in providers:
+    paired = config.getoption("--koala-paired")
+    for p in providers + ([paired] if paired else []):
         if p not in PROVIDERS:
             raise pytest.UsageError(f"unknown provider {p!r}; known: {list(PROVIDERS)}")
     return [(s, d, p) for s, d in pairs for p in providers]
@@ -143,6 +148,11 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> torch.device:
     return bench_device(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def paired_with(pytestconfig) -> str | None:
+    return pytestconfig.getoption("--koala-paired") or None
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,9 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
         "parameters ÷ copy bandwidth); GB/s counts those floor bytes, not what an implementation "
         "really moves. On a CPU a copy's stores also read their cache lines, so in-place "
         "updates can exceed 100 % of the copy bandwidth there.",
+        "- **Alternating** (when the run used `--koala-paired`): each step's time over the "
+        "reference's, timed in alternating rounds (ABBA) on the same parameters, median ± half "
+        "the IQR of the per-round ratios; other load on a shared machine hits both alike.",
         "- **Launches**: per step from torch.profiler (CUDA: kernels + memcpy/memset on the "
         "device; CPU: top-level ATen ops). **Host syncs**: synchronising CUDA calls in one step "
         "(`torch.cuda.set_sync_debug_mode`).",
@@ -128,22 +131,34 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
         r0 = group[0]
         base = group[0]["baseline"]
         base_label = PROVIDERS[base].label if base in PROVIDERS else (base or "none measured")
+        paired = next((r.get("paired_with") for r in group if r.get("paired_with")), None)
+        paired_head = f" × {PROVIDERS[paired].label}, alternating |" if paired in PROVIDERS else ""
         lines += [
             f"## {set_name} {dtype} — {r0['params']:,} parameters in {r0['tensors']:,} tensors",
             "",
             f"Baseline for × AdamW: **{base_label}**"
             + (" (no fused AdamW was measured in this run)" if base == "adamw_foreach" else ""),
             "",
-            "| optimizer | median ms | IQR ms | min ms | × AdamW | × SGD-m | floor B/param | GB/s "
-            "| % copy BW | × floor | launches/step | host syncs | state B/param |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| optimizer | median ms | IQR ms | min ms | × AdamW | × SGD-m |" + paired_head
+            + " floor B/param | GB/s | % copy BW | × floor | launches/step | host syncs "
+            "| state B/param |",
+            "|---|--:|--:|--:|--:|--:|" + ("--:|" if paired_head else "")
+            + "--:|--:|--:|--:|--:|--:|--:|",
         ]
         for r in group:
+            if not paired_head:
+                paired_cell = ""
+            elif r["provider"] == paired:
+                paired_cell = " 1 (reference) |"
+            elif r.get("paired_ratio") is not None:
+                paired_cell = f" {r['paired_ratio']:.2f} ± {r['paired_ratio_iqr'] / 2:.2f} |"
+            else:
+                paired_cell = " – |"
             lines.append(
                 f"| {r['label']} | {_f(r['median_s'] * 1e3, '.3f')} | {_f(r['iqr_s'] * 1e3, '.3f')} "
                 f"| {_f(r['min_s'] * 1e3 if r.get('min_s') else None, '.3f')} "
-                f"| {_f(r['x_baseline'], '.2f')} | {_f(r['x_sgdm'], '.2f')} "
-                f"| {_f(r['bytes_per_param_floor'], 'g')} | {_f(r.get('achieved_gbps'), '.1f')} "
+                f"| {_f(r['x_baseline'], '.2f')} | {_f(r['x_sgdm'], '.2f')} |{paired_cell}"
+                f" {_f(r['bytes_per_param_floor'], 'g')} | {_f(r.get('achieved_gbps'), '.1f')} "
                 f"| {_f(100 * r['fraction_of_copy_bw'] if r.get('fraction_of_copy_bw') else None, '.1f')} "
                 f"| {_f(r['x_floor'], '.2f')} | {r.get('launches_per_step', '–')} | {_syncs(r)} "
                 f"| {_f(r.get('state_bytes_per_param'), '.2f')} |")

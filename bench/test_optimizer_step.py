@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -62,7 +64,36 @@ def _rotating(steppers: list[Stepper]):
 
 
 @pytest.mark.koala_bench
-def test_optimizer_step(benchmark, case, device, mode, copy_gbps, within_budget):
+def _paired_ratio(iterate, iterations, reference, device, rounds) -> tuple[float, float]:
+    """Median and IQR of (this step / reference step) over rounds that alternate the two
+    (ABBA order) on the same parameters, so load that comes and goes hits both alike."""
+    ref_one = measure.time_median(reference, device, reps=1)
+    ref_iterations = max(1, round(iterations * measure.time_median(iterate, device, reps=1)
+                                  / max(ref_one, 1e-9)))
+
+    def timed(fn, n):
+        measure.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        measure.synchronize(device)
+        return (time.perf_counter() - t0) / n
+
+    ratios = []
+    for k in range(rounds):
+        if k % 2:
+            ref = timed(reference, ref_iterations)
+            mine = timed(iterate, iterations)
+        else:
+            mine = timed(iterate, iterations)
+            ref = timed(reference, ref_iterations)
+        ratios.append(mine / ref)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[2] - q[0]
+
+
+@pytest.mark.koala_bench
+def test_optimizer_step(benchmark, case, device, mode, copy_gbps, within_budget, paired_with):
     set_name, dtype_name, provider_name = case
     provider = PROVIDERS[provider_name]
     dtype = DTYPES[dtype_name]
@@ -107,6 +138,14 @@ def test_optimizer_step(benchmark, case, device, mode, copy_gbps, within_budget)
     benchmark._timer = measure.timer_for(device)  # device-synchronised round boundaries
     benchmark.pedantic(iterate, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
+    paired = None
+    if paired_with and paired_with != provider_name and benchmark.enabled:
+        reference = PROVIDERS[paired_with].build(params)
+        reference.iterate()
+        paired = _paired_ratio(first.iterate, max(1, iterations // n_rot), reference.iterate,
+                               device, rounds)
+        del reference
+
     launches = measure.count_launches(steppers[0].iterate, device)
     host_syncs = measure.count_host_syncs(steppers[0].iterate, device)
 
@@ -127,6 +166,9 @@ def test_optimizer_step(benchmark, case, device, mode, copy_gbps, within_budget)
         "torch": torch.__version__, "loadavg_1min": os.getloadavg()[0],
     }
     info.update(launches)
+    if paired is not None:
+        info["paired_with"] = paired_with
+        info["paired_ratio"], info["paired_ratio_iqr"] = paired
     if alloc_before is not None:
         info["allocated_bytes_per_param"] = (alloc_after - alloc_before) / n_params
     if benchmark.stats is not None:  # None under --benchmark-disable
