@@ -148,7 +148,9 @@ def measure(
     if momentum:
         pxu, puu = filt["Pxu"], filt["Puu"]
         det = pxx * puu - pxu * pxu
-        new_puu = torch.where(informative, (largest * det + noise * puu) / s_max, puu)
+        # Nothing measured (G = 0) must leave P̂uu bit for bit: R·P̂uu/R can round.
+        measured = informative & (largest > 0)
+        new_puu = torch.where(measured, (largest * det + noise * puu) / s_max, puu)
         pxx.mul_(rho)
         pxu.mul_(rho)
         puu.copy_(new_puu)
