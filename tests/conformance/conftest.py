@@ -13,19 +13,15 @@ a new path appears.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import koala_triton
+from tests.conformance.harness import interpreter_enabled
 
 _HERE = Path(__file__).resolve().parent
-
-
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _implementations() -> list:
@@ -34,7 +30,7 @@ def _implementations() -> list:
     if available is not None and available():
         if torch.cuda.is_available():
             out.append(pytest.param({"fused": True}, id="triton", marks=pytest.mark.gpu))
-        elif _interpreter_enabled():
+        elif interpreter_enabled():
             out.append(pytest.param({"fused": True}, id="triton-interpreter",
                                     marks=pytest.mark.interpreter))
     return out

@@ -72,6 +72,9 @@ ROUNDINGS = {
     "lerp":       (4, "compute", "xavg + fl(0.1)·(x - xavg): constant, difference, product, sum "
                                  "(all bounded by 0.9|xavg| + 0.1|x| up to a factor 2, counted)"),
     "store":      (1, "param", "the compute-dtype result rounded once to the param dtype"),
+    "store_rtz":  (2, "param", "the same store rounded toward zero: < 1 ulp = 2u. Triton's CPU "
+                               "interpreter converts float32 to bfloat16 by truncation (real GPUs "
+                               "and torch round to nearest); used for that case only"),
 }
 
 # Second-order terms (a rounding of a value that is itself off by a bound) are folded in by this
@@ -88,11 +91,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def truncates_bfloat16(impl: dict, device: torch.device, dtype: torch.dtype) -> bool:
+    """True for the Triton path run by the CPU interpreter on bfloat16 params."""
+    return bool(impl.get("fused")) and device.type == "cpu" and dtype == torch.bfloat16
+
+
 @dataclass(frozen=True)
 class Precision:
     """Unit roundoffs of one param dtype's three arithmetics."""
 
     dtype: torch.dtype
+    truncating_store: bool = False  # see ROUNDINGS["store_rtz"]
 
     @property
     def u_param(self) -> float:
@@ -124,7 +133,8 @@ class Precision:
         """Bound after the final rounding to the param dtype of a value computed with
         ``compute_error``: |fl_d(y) - exact| ≤ err + u_d·(|exact| + err) + floor."""
         err = compute_error * self.slack()
-        return err + self.g("store") * (abs(value) + err) + self.floor
+        store = self.g("store_rtz" if self.truncating_store else "store")
+        return err + store * (abs(value) + err) + self.floor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ PROPERTY = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
+# Long trajectories under Triton's CPU interpreter run a few examples only (minutes otherwise).
+LONG = settings(PROPERTY, max_examples=4 if harness.interpreter_enabled() else 25)
+
 SHAPES = [(3,), (2, 2), ()]
 dtypes = st.sampled_from(harness.DTYPES)
 seeds = st.integers(0, 2**16)
@@ -136,17 +139,17 @@ def test_lr_zero_leaves_weights_bitwise_unchanged_while_the_covariance_contracts
         assert 0.0 < post < prior, f"step {k}: {key} {prior} -> {post} did not contract"
 
 
-@PROPERTY
+@LONG
 @given(q=powers, r=powers, sigma=powers, e=st.integers(-4, 4))
 def test_koala_v_p_converges_to_the_riccati_fixed_point(impl, device, q, r, sigma, e):
     """Constant G = ‖g‖² (g = (3, 4)·2^e, exact), q and R: p_k → p*, the positive root of
     φ(p) = p derived in oracle.derive.derive_riccati. φ is increasing with 0 < φ' ≤ λ =
     (R/(qG + R))², so |p_k - p*| ≤ λ^k·|p_0 - p*| plus the rounding of k steps: each step
     rounds ≤ 4 times in float64 (p + q, R/S, ρ·p^, and S), errors then contract, so
-    ≤ k·γ(4)·max(p_0, p*)."""
+    ≤ k·γ(4)·max(p_0, p*). With λ ≤ 1/2, 45 steps reach λ^45 ≤ 3e-14."""
     G = 25.0 * 4.0**e
     lam = (r / (q * G + r)) ** 2
-    assume(lam <= 0.8)  # so that 150 steps reach λ^150 ≤ 3e-15
+    assume(lam <= 0.5)
     param = torch.zeros(2, dtype=torch.float64, device=device).requires_grad_()
     opt = KoalaV([param], lr=0.0, sigma=sigma, q=q, r=r, **impl)
     grad = torch.tensor([3.0 * 2.0**e, 4.0 * 2.0**e], dtype=torch.float64, device=device)
@@ -155,7 +158,7 @@ def test_koala_v_p_converges_to_the_riccati_fixed_point(impl, device, q, r, sigm
         start = abs(exact(sigma) - p_star)
         g4 = em.gamma(4, em.UNIT_ROUNDOFF[torch.float64])
         top = max(exact(sigma), p_star)
-        for k in range(1, 151):
+        for k in range(1, 46):
             opt.predict()
             param.grad = grad
             opt.update(_loss(device), None)
@@ -163,7 +166,8 @@ def test_koala_v_p_converges_to_the_riccati_fixed_point(impl, device, q, r, sigm
             bound = mpmath.mpf(lam) ** k * start + k * g4 * top
             assert abs(p_k - p_star) <= bound, (
                 f"step {k}: |p_k - p*| = {mpmath.nstr(abs(p_k - p_star), 5)} > {mpmath.nstr(bound, 5)}")
-        assert abs(p_k - p_star) <= mpmath.mpf("1e-12") * p_star
+        # converged: λ^45·|p_0 - p*| ≤ 3e-14·max(p_0, p*) and 45·γ(4) < 2e-14
+        assert abs(p_k - p_star) <= mpmath.mpf("1e-13") * top
 
 
 def _det_exact(pxx: float, pxu: float, puu: float) -> Fraction:
@@ -216,7 +220,7 @@ def test_koala_m_without_momentum_takes_koala_v_steps(impl, device, dtype, seed,
     params_m = _params(dtype, device, seed)
     opt_m = KoalaM(params_m, lr=lr, sw=sigma, sc=0.0, sv=0.0, a=0.0, qw=qw, qv=0.0, r=r,
                    weight_decay=wd, **impl)
-    prec = em.Precision(dtype)
+    prec = em.Precision(dtype, truncating_store=em.truncates_bfloat16(impl, device, dtype))
     for k in range(3):
         pxx = opt_m.filter_state["Pxx"].item()
         start = [p.detach().clone() for p in params_m]
@@ -246,7 +250,7 @@ def test_koala_m_without_momentum_takes_koala_v_steps(impl, device, dtype, seed,
         assert opt_m.filter_state["Pxu"].item() == 0.0 and opt_m.filter_state["Puu"].item() == 0.0
 
 
-@PROPERTY
+@LONG
 @given(variant=st.sampled_from(["V", "M"]), seed=seeds, sigma=powers, r=st.one_of(st.none(), powers),
        bad=st.sampled_from(["loss", "loss_var", "grad"]))
 def test_a_non_finite_input_leaves_the_predicted_state_exactly(impl, device, variant, seed,
@@ -263,7 +267,7 @@ def test_a_non_finite_input_leaves_the_predicted_state_exactly(impl, device, var
     for p, g in zip(params, _grads(params, 1.0, seed)):
         p.grad = g
     opt.update(_loss(device, 1.0), _loss(device, 2.0))
-    for k in range(1, 9):  # then eight predicts, each followed by a poisoned update
+    for k in range(1, 17):  # then 16 predicts, each followed by a poisoned update
         opt.predict()
         for p, g in zip(params, _grads(params, 1.0, seed + k)):
             p.grad = g
