@@ -162,13 +162,20 @@ def _launch_update(table, plan_wd, coef, device, *, momentum, raw_step=False, fo
         dt, ct = _types(group.dtype)
         common = dict(
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef,
-            chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=1.0 - _filter.QX_BETA,
+            chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=_avg_weight(group.dtype),
             DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
         )
         if fold:
             launch(fold_kernel, (group.n_chunks,), device, p_dist=dist, p_pending=pending, **common)
         else:
             launch(update_kernel, (group.n_chunks,), device, MOMENTUM=momentum, RAW_STEP=raw_step, **common)
+
+
+def _avg_weight(dtype: torch.dtype) -> float:
+    """xavg's EMA weight 1 − 0.9 as the PyTorch path applies it: its ``_foreach_lerp_`` takes
+    the weights as tensors and rounds them to the parameter dtype (bf16: 0.10009765625,
+    fp16: 0.0999755859375; fp32: 0.1f). A host-side constant; no device value is read."""
+    return float(torch.tensor(1.0 - _filter.QX_BETA, dtype=FLOAT).to(dtype))
 
 
 def _device(filt) -> torch.device:
@@ -279,11 +286,13 @@ def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, lo
     plan_table = tables.table(cache, "m_fold_plan", [{"x": r_["x"], "g": r_["g"]} for r_ in measured],
                               list(range(k)), k, blocks, device)
     all_table = tables.table(cache, "m_fold_all", binding.arrays, slot_of, k, blocks, device)
-    dist = _buffer(cache, "dist", all_table.n_chunks, FLOAT, device)
     pending = _pending(cache, device)
     binding.stage_in()
     coef = _measure(plan, plan_table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
                     r=r, alpha_r=alpha_r, momentum=True)
+    # Only now (the filter kernel has consumed the previous fold's partial sums) may the
+    # distance buffer be replaced or rewritten.
+    dist = _buffer(cache, "dist", all_table.n_chunks, FLOAT, device)
     if all_table.n_chunks == 0:
         pending.fill_(1)
     _launch_update(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,

@@ -73,6 +73,8 @@ def launch(fn, grid: tuple[int, ...], device: torch.device, **kwargs) -> None:
     LAUNCHES["count"] += 1
     if device.type == "cuda":
         with torch.cuda.device(device):
-            kernel(fn, device)[grid](**kwargs)
+            # No fused multiply-add contraction: every product is rounded as written, like the
+            # PyTorch path's separate ops (and independent of triton's changing default).
+            kernel(fn, device)[grid](enable_fp_fusion=False, **kwargs)
     else:
         kernel(fn, device)[grid](**kwargs)

@@ -1,0 +1,620 @@
+"""The Triton path against the PyTorch path, on CPU tensors under Triton's interpreter.
+
+``fused=True`` on CPU parameters runs the real kernels in ``TRITON_INTERPRET=1`` mode (set per
+test with monkeypatch; the kernels pick the interpreter by device, so CUDA tests in the same
+session are unaffected). Block sizes are the interpreter's small fixed ones
+(``kernels/launch.py``: 16-element tiles, 64-element chunks), so the tiny tensors here cover
+full tiles, masked tails and tensors spanning several chunks.
+
+Every scratch buffer the kernels must write (per-chunk partials, gains, distance partials) is
+filled with NaN before each use (``poisoned_scratch``): a slot a kernel forgot to write turns
+the step into a skipped one, which the comparison catches.
+
+Tolerances (the error model, per dtype):
+- float32: both paths compute the same fp32 elementwise expressions; only the order of the
+  norm accumulation differs (fp32 partials per chunk then float64 here, torch's foreach norm
+  there), so gains differ by ~1e-7 relative and weights by a few fp32 ulps per step. Over 15
+  steps 1e-5 relative to each tensor's magnitude leaves a margin of ~10x; a wrong gain, a
+  missed or doubly-updated tensor moves values by > 1e-3.
+- bfloat16 / float16: both paths round x − c·d (computed in fp32) once to the storage type.
+  With gains equal to ~1e-6 relative the rounded results are identical except where the fp32
+  value lies within ~1e-6 of a rounding boundary: then they differ by one ulp (2^-8 relative
+  for bf16, 2^-11 for fp16). Such a flip then perturbs later steps' norms by O(ulp/sqrt(n)).
+  The flip persists as an absolute offset while the value itself may shrink (KOALA's first
+  steps are large), so the bound is in ulps of the tensor's largest magnitude along the
+  trajectory: every element within 2 ulps of it per step taken, and at least 99% of all
+  elements of each array (weights, velocities, xavg) bitwise equal at the end (measured: all
+  weights and velocities, and all but a handful of xavg elements; a missed or wrong update
+  changes nearly every element of a tensor). Two known differences are modelled rather than
+  tolerated: the interpreter's fp32->bf16 conversion truncates where the GPU rounds
+  (``round_bf16_like_the_gpu``), and the CPU PyTorch path rounds predict's ``a`` to the
+  parameter dtype where CUDA and the kernels use fp32 (``cpu_foreach_scalar_rounding``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from koala_triton import KoalaM, KoalaV  # noqa: E402
+from koala_triton import _triton_impl  # noqa: E402
+from koala_triton.kernels import tables as _tables  # noqa: E402
+
+pytestmark = [
+    pytest.mark.interpreter,
+    # 0·inf in the interpreter's numpy when a step is (deliberately) non-finite
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+STEPS = 15
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    round_bf16_like_the_gpu(monkeypatch)
+
+
+def round_bf16_like_the_gpu(monkeypatch):
+    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU does.
+
+    A kernel's ``x.to(tl.bfloat16)`` compiles to ``cvt.rn.bf16.f32`` (round to nearest even;
+    checked in test_triton_compile.py), but triton 3.9's interpreter truncates that
+    conversion (``_convert_float`` with no rounding mode). Left alone, every bf16 store in
+    these tests would round differently from the GPU and from PyTorch. fp16 is unaffected
+    (the interpreter uses numpy's correctly rounded cast)."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    original = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        import triton.language as tl
+
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interp.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_scratch(monkeypatch):
+    """Every scratch buffer handed to a kernel is NaN until the kernel writes it."""
+    original = _triton_impl._buffer
+
+    def poisoned(cache, name, numel, dtype, device):
+        buf = original(cache, name, numel, dtype, device)
+        buf.fill_(float("nan"))
+        return buf
+
+    monkeypatch.setattr(_triton_impl, "_buffer", poisoned)
+
+
+def cpu_foreach_scalar_rounding(monkeypatch):
+    """Predict's u ← a·u as the PyTorch path computes it *on the CPU*.
+
+    The kernels multiply in fp32 by fp32(a), like torch's CUDA multi-tensor kernels do for
+    ``torch._foreach_mul_(velocities, a)``. On the CPU that call rounds the scalar to the
+    tensor's dtype first (bf16: a = 0.9 -> 0.8984375), so for bf16/fp16 the CPU reference
+    differs from its own CUDA run. To compare the kernels' arithmetic element for element with
+    the CPU reference, this hands the predict kernel the multiplier the CPU reference uses."""
+    import triton.language as tl
+
+    from koala_triton.kernels.passes import predict_kernel
+
+    original = _triton_impl.launch
+    torch_dtype = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
+
+    def launch(fn, grid, device, **kwargs):
+        if fn is predict_kernel and kwargs["DT"] in torch_dtype:
+            kwargs["u_mult"] = float(torch.tensor(kwargs["u_mult"], dtype=torch.float64).to(torch_dtype[kwargs["DT"]]))
+        return original(fn, grid, device, **kwargs)
+
+    monkeypatch.setattr(_triton_impl, "launch", launch)
+
+
+# ------------------------------------------------------------------------------------ cases
+#: Awkward sizes: 0-dim, empty, 1, primes, a few multi-dim, and tensors larger than one
+#: interpreter chunk (64 elements) and not a multiple of the 16-element tile.
+SIZES = [(), (1,), (0,), (2,), (3,), (5,), (7,), (11,), (13,), (3, 5), (17,), (31,), (2, 3, 5), (4, 4), (37,)]
+BIG = [(67,), (131,), (16, 17), (257,)]
+
+
+def make_params(n: int, dtype: torch.dtype, seed: int = 0, *, odd_layouts: bool = True) -> list[torch.Tensor]:
+    """``n`` leaf tensors cycling through SIZES, four larger than a chunk, plus (with
+    ``odd_layouts``) a transposed (dense), a strided (non-dense: staged) and a misaligned
+    (storage offset of one element: staged) parameter, and a frozen one."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [SIZES[i % len(SIZES)] for i in range(n - len(BIG))] + BIG
+    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+    if odd_layouts:
+        params[5] = torch.randn(3, 7, generator=g, dtype=torch.float64).to(dtype).t().detach().requires_grad_()
+        params[6] = torch.randn(6, 10, generator=g, dtype=torch.float64).to(dtype)[:, ::2].detach().requires_grad_()
+        params[7] = torch.randn(52, generator=g, dtype=torch.float64).to(dtype)[1:50].detach().requires_grad_()
+        params[8] = torch.randn(9, generator=g, dtype=torch.float64).to(dtype).requires_grad_(False)  # frozen
+        assert params[5].stride() == (1, 7) and not params[6].is_contiguous()
+    return params
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+def groups(params):
+    """Two groups: different lr, weight decay and skip threshold."""
+    half = len(params) // 2
+    return [
+        {"params": params[:half], "lr": 0.7, "weight_decay": 0.0, "eps": 1e-9},
+        {"params": params[half:], "lr": 0.4, "weight_decay": 0.05, "eps": 1e-7},
+    ]
+
+
+def grads_for_step(params, step: int, gen: torch.Generator, dtype: torch.dtype):
+    """The schedule of awkward cases: per-step None grads, tiny (skipped) grads, frozen params,
+    a step without any grad (4), a NaN gradient (9: the whole measurement is skipped)."""
+    out = []
+    for i, p in enumerate(params):
+        if not p.requires_grad or step == 4 or i % 7 == step % 7:
+            out.append(None)
+        elif i % 11 == step % 11:
+            out.append(torch.full(p.shape, 1e-12, dtype=torch.float64).to(dtype))
+        else:
+            out.append(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype))
+    if step == 9:
+        target = next(j for j, gr in enumerate(out) if gr is not None and gr.numel() > 2)
+        out[target].view(-1)[1] = float("nan")
+    return out
+
+
+def losses_for_step(step: int, gen: torch.Generator) -> torch.Tensor:
+    per_sample = torch.rand(8, generator=gen, dtype=torch.float64) * 2
+    if step == 12:
+        per_sample[3] = float("inf")  # non-finite loss: skipped
+    return per_sample
+
+
+def assign(params, grads):
+    for p, gr in zip(params, grads):
+        if gr is None:
+            p.grad = None
+        else:
+            # the same values; keep the parameter's layout like autograd does for dense params
+            p.grad = gr.clone() if p.is_contiguous() else torch.empty_like(p).copy_(gr)
+
+
+def assert_close_scaled(actual, expected, rtol, what, scale=None):
+    """|actual - expected| <= rtol * scale, scale = max|expected| unless given.
+
+    Elementwise x − c·g and u = a·u − c·g can cancel, so errors are measured against the
+    magnitude of the values, not each (possibly tiny) element."""
+    if scale is None:
+        scale = float(expected.detach().double().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0.0, atol=rtol * scale + 1e-30,
+                               equal_nan=False, msg=lambda m: f"{what}: {m}")
+
+
+def _magnitude(tensors) -> float:
+    return max((float(t.detach().double().abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
+def compare_states(ref_opt, tri_opt, ref_params, tri_params, rtol, what, *, momentum):
+    """Params, velocities, xavg and the filter. An array is compared at the magnitude of its
+    kind across all tensors (a velocity that is a small difference of two larger terms carries
+    the absolute error of those terms; see ``assert_close_scaled``)."""
+    for i, (a, b) in enumerate(zip(ref_params, tri_params)):
+        assert_close_scaled(b, a, rtol, f"{what}: param {i} {tuple(a.shape)}")
+    if momentum:
+        for key in ("velocity", "xavg"):
+            scale = _magnitude(ref_opt.state[a][key] for a in ref_params)
+            for i, (a, b) in enumerate(zip(ref_params, tri_params)):
+                assert_close_scaled(tri_opt.state[b][key], ref_opt.state[a][key], rtol, f"{what}: {key} {i}", scale)
+    ref_f, tri_f = ref_opt.filter_state, tri_opt.filter_state
+    for key, value in ref_f.items():
+        if value.dtype == torch.int64:
+            assert int(tri_f[key]) == int(value), f"{what}: filter {key}"
+        else:
+            torch.testing.assert_close(tri_f[key], value, rtol=max(rtol, 1e-6), atol=0.0,
+                                       msg=lambda m: f"{what}: filter {key}: {m}")
+
+
+def run_pair(cls, dtype, n, steps, *, seed=0, fold=False, odd_layouts=True, per_step=None, **kwargs):
+    """Step a PyTorch-path and a Triton-path optimizer through the same schedule.
+
+    ``per_step(step, ref_opt, tri_opt, ref_params, tri_params)`` runs after every update.
+    In fold mode the Triton weights hold the prediction between steps; the comparison then
+    looks inside ``posterior_weights()`` and at u (the reference holds u⁺ there too)."""
+    ref_params = make_params(n, dtype, seed, odd_layouts=odd_layouts)
+    tri_params = clone_params(ref_params)
+    extra = {"fold_predict": True} if fold else {}
+    ref = cls(groups(ref_params), fused=False, **kwargs)
+    tri = cls(groups(tri_params), fused=True, **kwargs, **extra)
+    assert tri.uses_triton and not ref.uses_triton
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        ref.predict()
+        tri.predict()
+        grads = grads_for_step(ref_params, step, gen, dtype)
+        assign(ref_params, grads)
+        assign(tri_params, grads)
+        loss = losses_for_step(step, gen)
+        ref.step(loss=loss)
+        tri.step(loss=loss)
+        if per_step is not None:
+            per_step(step, ref, tri, ref_params, tri_params)
+    return ref, tri, ref_params, tri_params
+
+
+# ------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+def test_float32_matches_pytorch_path_on_152_awkward_tensors_over_15_steps(cls):
+    momentum = cls is KoalaM
+
+    def check(step, ref, tri, rp, tp):
+        compare_states(ref, tri, rp, tp, 1e-5, f"step {step}", momentum=momentum)
+
+    ref, tri, _, _ = run_pair(cls, torch.float32, 152, STEPS, per_step=check)
+    f = tri.filter_state
+    assert int(f["step"]) == STEPS and int(f["skipped_steps"]) == 2  # the NaN grad and the inf loss
+
+
+def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_15_steps():
+    a = 0.9
+
+    def check(step, ref, tri, rp, tp):
+        # after the update: the reference holds the posterior, fold mode the next prediction
+        with tri.posterior_weights():
+            for i, (x, y) in enumerate(zip(rp, tp)):
+                assert_close_scaled(y, x, 1e-5, f"step {step}: posterior param {i}")
+        u_scale = _magnitude(ref.state[x]["velocity"] for x in rp)
+        for i, (x, y) in enumerate(zip(rp, tp)):
+            assert_close_scaled(tri.state[y]["velocity"], ref.state[x]["velocity"], 1e-5, f"step {step}: u {i}", u_scale)
+            assert_close_scaled(tri.state[y]["xavg"], ref.state[x]["xavg"], 1e-5, f"step {step}: xavg {i}")
+            # the fold already predicted: x = x⁺ + u⁺
+            expected = (x.detach().double() + ref.state[x]["velocity"].double()).float()
+            assert_close_scaled(y, expected, 1e-5, f"step {step}: predicted param {i}")
+        # and the filter already holds the next prior (compare against a predicted copy)
+        shadow = {k: v.clone() for k, v in ref.filter_state.items()}
+        numel = sum(p.numel() for p in rp)
+        dist = math.sqrt(sum(float(((ref.state[p]["xavg"].double() - p.detach().double()) ** 2).sum()) for p in rp)) / numel
+        qx = float(shadow["qx"]) * 0.9 + (1.0 - 0.9) * dist
+        pxx, pxu, puu = (float(shadow[k]) for k in ("Pxx", "Pxu", "Puu"))
+        prior = {"qx": qx, "Pxx": pxx + 2 * pxu + puu + qx, "Pxu": a * (pxu + puu), "Puu": a * a * puu + 1e-2}
+        for key, value in prior.items():
+            assert float(tri.filter_state[key]) == pytest.approx(value, rel=1e-5), f"step {step}: prior {key}"
+
+    run_pair(KoalaM, torch.float32, 152, STEPS, fold=True, per_step=check)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+def test_low_precision_matches_pytorch_path_within_the_rounding_error_model(cls, dtype, monkeypatch):
+    steps = 5
+    cpu_foreach_scalar_rounding(monkeypatch)
+    largest: dict[int, float] = {}  # per tensor, the largest magnitude along the trajectory
+
+    def track(step, ref, tri, rp, tp):
+        for i, a in enumerate(rp):
+            largest[i] = max(largest.get(i, 0.0), _magnitude([a]))
+
+    ref, tri, rp, tp = run_pair(cls, dtype, 152, steps, per_step=track)
+    tol = 2 * steps * ULP[dtype]
+    for i, (a, b) in enumerate(zip(rp, tp)):
+        assert b.dtype == dtype
+        # a flip is one ulp of the magnitude the element had when it happened
+        assert_close_scaled(b, a, tol, f"param {i}", largest[i])
+    kinds = {"param": (rp, tp)}
+    if cls is KoalaM:
+        for key in ("velocity", "xavg"):
+            scale = _magnitude(ref.state[x][key] for x in rp)
+            for i, (a, b) in enumerate(zip(rp, tp)):
+                assert_close_scaled(tri.state[b][key], ref.state[a][key], tol, f"{key} {i}", scale)
+            kinds[key] = ([ref.state[x][key] for x in rp], [tri.state[y][key] for y in tp])
+    for kind, (expected, actual) in kinds.items():
+        equal = sum(int((a == b).sum()) for a, b in zip(expected, actual))
+        total = sum(a.numel() for a in expected)
+        assert equal >= 0.99 * total, f"{kind}: only {equal}/{total} elements bitwise equal"
+    for key, value in ref.filter_state.items():
+        torch.testing.assert_close(tri.filter_state[key].double(), value.double(), rtol=tol, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("options", [
+    {"cls": KoalaV, "r": 0.5},
+    {"cls": KoalaV, "raw_grad_step": True},
+    {"cls": KoalaM, "r": 0.25, "a": 0.5},
+], ids=["V-fixed-R", "V-raw-grad-step", "M-fixed-R-a0.5"])
+def test_options_match_pytorch_path(options, dtype):
+    options = dict(options)
+    cls = options.pop("cls")
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+
+    def check(step, ref, tri, rp, tp):
+        compare_states(ref, tri, rp, tp, rtol, f"step {step}", momentum=cls is KoalaM)
+
+    run_pair(cls, dtype, 16, 6, per_step=check, **options)
+
+
+def test_mixed_dtypes_launch_once_per_dtype_and_match():
+    ref_params = make_params(30, torch.float32, odd_layouts=False)
+    ref_params[3:10] = [p.detach().to(torch.bfloat16).requires_grad_() for p in ref_params[3:10]]
+    tri_params = clone_params(ref_params)
+    ref, tri = KoalaM(groups(ref_params), fused=False), KoalaM(groups(tri_params), fused=True)
+    gen = torch.Generator().manual_seed(3)
+    counter = LaunchCounter()
+    for step in range(3):
+        with counter.counting():
+            tri.predict()
+        ref.predict()
+        grads = grads_for_step(ref_params, step, gen, torch.float32)
+        grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, ref_params)]
+        assign(ref_params, grads)
+        assign(tri_params, grads)
+        loss = losses_for_step(step, gen)
+        ref.step(loss=loss)
+        with counter.counting():
+            tri.step(loss=loss)
+    # two dtypes: predict 2 + norms 2 + filter 1 + update 2 per iteration
+    assert counter.per_call[-2:] == [2, 5]
+    for i, (a, b) in enumerate(zip(ref_params, tri_params)):
+        tol = 2 * 3 * ULP[a.dtype] if a.dtype != torch.float32 else 1e-5
+        assert_close_scaled(b, a, tol, f"param {i} {a.dtype}")
+
+
+# ----------------------------------------------------------------------- launch counts
+class LaunchCounter:
+    """Counts Triton launches (through ``_triton_impl.launch``) and aten ops outside them."""
+
+    def __init__(self):
+        self.per_call: list[int] = []
+        self.aten_per_call: list[int] = []
+
+    def counting(self):
+        import contextlib
+
+        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+        counter = self
+
+        class AtenCounter(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        @contextlib.contextmanager
+        def scope():
+            original = _triton_impl.launch
+            launches = [0]
+
+            def counted(*args, **kwargs):
+                launches[0] += 1
+                with _disable_current_modes():  # the interpreter's own tensor work is not ours
+                    return original(*args, **kwargs)
+
+            _triton_impl.launch = counted
+            mode = AtenCounter()
+            try:
+                with mode:
+                    yield
+            finally:
+                _triton_impl.launch = original
+                counter.per_call.append(launches[0])
+                counter.aten_per_call.append(mode.ops)
+
+        return scope()
+
+
+def _steady_state_counts(cls, n, **kwargs):
+    params = [torch.randn((i % 5) + 1, requires_grad=True) for i in range(n)]
+    opt = cls(params, fused=True, **kwargs)
+    counter = LaunchCounter()
+    per_iteration = []
+    for step in range(2):  # the first iteration builds the tables; count the second
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with counter.counting():
+            opt.predict()
+            opt.step(loss=torch.rand(4))
+        per_iteration.append((counter.per_call[-1], counter.aten_per_call[-1]))
+    return per_iteration[-1]
+
+
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_launches_per_step_do_not_depend_on_the_number_of_tensors(variant):
+    cls = KoalaV if variant == "V" else KoalaM
+    kwargs = {"fold_predict": True} if variant == "M-fold" else {}
+    few = _steady_state_counts(cls, 20, **kwargs)
+    many = _steady_state_counts(cls, 160, **kwargs)
+    assert few == many, f"(triton launches, aten ops) per iteration: 20 tensors {few}, 160 tensors {many}"
+    expected = {"V": 3, "M": 4, "M-fold": 3}[variant]
+    assert few[0] == expected
+
+
+def test_tables_are_cached_while_storages_are_stable(monkeypatch):
+    """The CPU twin of graph capture's precondition: with grads updated in place
+    (``zero_grad(set_to_none=False)``) and lr as a tensor, a warmed-up step uploads nothing,
+    and changing the lr tensor in place changes the step like a fresh optimizer would."""
+    uploads = []
+    original = _tables._upload
+    monkeypatch.setattr(_tables, "_upload", lambda *a, **k: uploads.append(1) or original(*a, **k))
+    params = make_params(20, torch.float32, odd_layouts=False)
+    ref_params = clone_params(params)
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    opt = KoalaM(params, lr=lr, fused=True)
+    ref = KoalaM(ref_params, lr=0.5, fused=False)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad.copy_(g)  # static storage
+            q.grad = g.clone()
+        if step == 1:
+            uploads.clear()
+        if step == 2:
+            lr.fill_(0.25)  # in place: a captured graph would see it
+            ref.param_groups[0]["lr"] = 0.25
+        loss = torch.rand(4, generator=gen)
+        opt.predict()
+        ref.predict()
+        opt.step(loss=loss)
+        ref.step(loss=loss)
+    assert uploads == [], "a table was rebuilt although no storage moved"
+    for a, b in zip(ref_params, params):
+        assert_close_scaled(b, a, 1e-5, "param")
+
+
+def test_no_host_reads_inside_predict_and_step(monkeypatch):
+    """The CPU twin of ``torch.cuda.set_sync_debug_mode("error")``: outside the kernel launches
+    (the interpreter itself reads memory on the host) no device value is read on the host."""
+    params = make_params(20, torch.float32)
+    opt = KoalaM(groups(params), fused=True)
+    names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
+    original_launch = _triton_impl.launch
+
+    def boom(name):
+        def raiser(self, *args, **kwargs):
+            raise AssertionError(f"host read Tensor.{name} inside a step")
+        return raiser
+
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def launch_with_reads_allowed(*args, **kwargs):
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        try:
+            return original_launch(*args, **kwargs)
+        finally:
+            for name in names:
+                setattr(torch.Tensor, name, boom(name))
+
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = grads_for_step(params, step, gen, torch.float32)
+        with monkeypatch.context() as m:
+            m.setattr(_triton_impl, "launch", launch_with_reads_allowed)
+            for name in names:
+                m.setattr(torch.Tensor, name, boom(name))
+            opt.predict()
+            assign(params, grads)
+            opt.step(loss=torch.rand(4, generator=gen))
+    assert int(opt.filter_state["step"]) == 3
+
+
+# ----------------------------------------------------------------------- protocol details
+def test_filter_state_read_between_predict_and_update_shows_the_prior():
+    params = make_params(20, torch.float32, odd_layouts=False)
+    ref_params = clone_params(params)
+    tri, ref = KoalaM(params, fused=True), KoalaM(ref_params, fused=False)
+    for step in range(2):
+        tri.predict()
+        ref.predict()
+        for key, value in ref.filter_state.items():
+            torch.testing.assert_close(tri.filter_state[key], value, rtol=1e-6, atol=0.0)
+        # reading again applies nothing twice (the pending flag lives on the device)
+        for key, value in ref.filter_state.items():
+            torch.testing.assert_close(tri.filter_state[key], value, rtol=1e-6, atol=0.0)
+        for p, q in zip(params, ref_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        loss = torch.rand(4)
+        tri.step(loss=loss)
+        ref.step(loss=loss)
+    for key, value in ref.filter_state.items():
+        torch.testing.assert_close(tri.filter_state[key], value, rtol=1e-6, atol=0.0)
+
+
+def test_predict_twice_and_step_without_predict_match_pytorch_path():
+    params = make_params(20, torch.float32, odd_layouts=False)
+    ref_params = clone_params(params)
+    tri, ref = KoalaM(params, fused=True), KoalaM(ref_params, fused=False)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        if step == 1:
+            tri.predict()
+            ref.predict()
+        if step != 2:  # step 2: the implicit predict of step()
+            tri.predict()
+            ref.predict()
+        for p, q in zip(params, ref_params):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g, g.clone()
+        loss = torch.rand(4, generator=gen)
+        with pytest.warns(UserWarning) if step == 2 else _null():
+            tri.step(loss=loss)
+        with pytest.warns(UserWarning) if step == 2 else _null():
+            ref.step(loss=loss)
+    compare_states(ref, tri, ref_params, params, 1e-5, "end", momentum=True)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_state_dict_round_trip_resumes_like_the_uninterrupted_run(tmp_path):
+    def build(params):
+        return KoalaM(groups(params), fused=True)
+
+    params = make_params(12, torch.float32, odd_layouts=False)
+    twin = clone_params(params)
+    opt, other = build(params), build(twin)
+    gen = torch.Generator().manual_seed(0)
+    schedule = [([torch.randn(p.shape, generator=gen) for p in params], torch.rand(4, generator=gen)) for _ in range(4)]
+
+    def one(o, ps, grads, loss):
+        o.predict()
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step(loss=loss)
+
+    for grads, loss in schedule[:2]:
+        one(opt, params, grads, loss)
+        one(other, twin, grads, loss)
+    torch.save(other.state_dict(), tmp_path / "ckpt.pt")
+    resumed = build(twin)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    for grads, loss in schedule[2:]:
+        one(opt, params, grads, loss)
+        one(resumed, twin, grads, loss)
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)  # same kernels, same order: bitwise
+    for key, value in opt.filter_state.items():
+        assert torch.equal(resumed.filter_state[key], value)
+
+
+def test_fold_mode_needs_the_triton_path_and_checkpoints_stay_in_their_mode(monkeypatch):
+    p = [torch.randn(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="fold_predict"):
+        KoalaM(p, fused=False, fold_predict=True)
+    fold = KoalaM(p, fused=True, fold_predict=True)
+    fold.predict()
+    p[0].grad = torch.ones(3)
+    fold.step(loss=torch.rand(4))
+    state = fold.state_dict()
+    with pytest.raises(ValueError, match="fold_predict=True"):
+        KoalaM([torch.randn(3, requires_grad=True)], fused=True).load_state_dict(state)
+    again = KoalaM([p[0].detach().clone().requires_grad_()], fused=True, fold_predict=True)
+    again.load_state_dict(state)
+    assert again._fold_pending and again._fold_predicts == 1
+
+
+def test_fused_true_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
+        KoalaV([torch.randn(3, requires_grad=True)], fused=True)
+    assert not KoalaV([torch.randn(3, requires_grad=True)], fused=None).uses_triton
