@@ -265,6 +265,10 @@ def run_restarted(variant: str, scenario: Scenario, dtype, impl: dict, device, s
             for i, p in enumerate(flat):
                 compare_tensor(f"{tag} x^[{i}]", p, oracle.x[i], b["x"][i])
                 compare_tensor(f"{tag} u^[{i}]", opt.state[p]["velocity"], oracle.u[i], b["u"][i])
+                compare_tensor(f"{tag} xavg[{i}] (untouched by predict)", opt.state[p]["xavg"],
+                               oracle.xavg[i], [0] * len(oracle.xavg[i]))
+        compare_scalar(f"{tag} R (untouched by predict)", opt.filter_state["R"], oracle.R, 0)
+        compare_counters(tag, opt, oracle)
         # ---- update
         mid = snapshot(opt, flat, variant)
         restart_oracle(oracle, mid, variant)
@@ -338,6 +342,10 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
             oracle.param_groups[gi]["lr"] = lr
         opt.predict()
         oracle.predict()
+        if variant == "M":  # the momentum move x^ = x + u is part of the weights' path
+            with mpmath.workdps(DPS):
+                for i, us in enumerate(oracle.u):
+                    path[i] += max((abs(v) for v in us), default=0)
         grads = grads_for(step, flat, frozen, gen)
         for p, g in zip(flat, grads):
             p.grad = g
