@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conformance import error_model as em
 from tests.conformance import harness
 from tests.conformance.scenarios import ids, scenarios
 
@@ -22,4 +23,6 @@ def test_koala_m_each_step_within_the_error_model_of_its_dtype(scenario, dtype, 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids(SCENARIOS))
 def test_koala_m_float64_trajectory_follows_the_oracle(scenario, impl, device):
     worst = harness.run_free("M", scenario, impl, device)
-    assert worst >= 0  # the comparisons inside raise with the first element off
+    # every element was checked against its own bound inside (raising on the first one off);
+    # the largest relative gap must also sit inside the float64 target
+    assert worst <= em.FLOAT64_TARGET
