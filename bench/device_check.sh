@@ -4,8 +4,8 @@
 #   OUT=/some/dir bash bench/device_check.sh        # on the device machine $OUT is set already
 #
 # Installs nothing (the GPU image has torch, triton, pytest, pytest-benchmark, matplotlib).
-# Budget: GPU tests <= 150 s, benchmark <= 300 s (it stops starting new cases after 270 s and
-# keeps what it measured), report <= 60 s: the whole script stays under ~8 minutes.
+# Budget: GPU tests <= 120 s, benchmark <= 280 s (it stops starting new cases after 250 s and
+# keeps what it measured), report <= 45 s: the whole script stays under ~8 minutes.
 # (KOALA_BENCH=smoke KOALA_BENCH_DEVICE=cpu try the script's plumbing on a CPU.)
 # Everything is logged to $OUT/device_check.log; the short benchmark table is printed last.
 set -u -o pipefail
@@ -35,7 +35,7 @@ EOF
 
 # 1. GPU tests (written by others). Absent or failing tests must not stop the benchmark.
 log "GPU tests: python -m pytest -m gpu tests -q"
-timeout -s INT -k 15 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee -a "$LOG"
+timeout -s INT -k 15 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee -a "$LOG"
 gpu_tests=$?
 case $gpu_tests in
     0) gpu_tests_msg="passed" ;;
@@ -48,8 +48,8 @@ log "GPU tests: $gpu_tests_msg"
 # 2. Full benchmark (real model sizes, fp32 then bf16). KOALA_BENCH_BUDGET_S makes it skip the
 #    cases it has no time for; the outer timeout is the hard stop (SIGINT still writes the JSON).
 log "benchmark: pytest bench --koala-bench=full --benchmark-json $OUT/bench.json"
-KOALA_BENCH_BUDGET_S="${KOALA_BENCH_BUDGET_S:-270}" \
-timeout -s INT -k 20 300 "$PY" -m pytest bench/test_optimizer_step.py \
+KOALA_BENCH_BUDGET_S="${KOALA_BENCH_BUDGET_S:-250}" \
+timeout -s INT -k 20 280 "$PY" -m pytest bench/test_optimizer_step.py \
     --koala-bench="${KOALA_BENCH:-full}" --koala-device="${KOALA_BENCH_DEVICE:-cuda}" --benchmark-json "$OUT/bench.json" -q -p no:cacheprovider \
     --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name 2>&1 | tee -a "$LOG"
 bench_rc=$?
@@ -58,7 +58,7 @@ log "benchmark: rc $bench_rc"
 # 3. Report: markdown table + plot under $OUT (one folder down, so the files come back).
 if [ -s "$OUT/bench.json" ]; then
     log "report: python -m bench.report $OUT/bench.json --out $OUT/report"
-    timeout 60 "$PY" -m bench.report "$OUT/bench.json" --out "$OUT/report" >"$OUT/short_table.txt" 2>>"$LOG"
+    timeout 45 "$PY" -m bench.report "$OUT/bench.json" --out "$OUT/report" >"$OUT/short_table.txt" 2>>"$LOG"
     report_rc=$?
     cat "$OUT/short_table.txt" >>"$LOG"
 else

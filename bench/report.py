@@ -121,7 +121,9 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
         "updates can exceed 100 % of the copy bandwidth there.",
         "- **Alternating** (when the run used `--koala-paired`): each step's time over the "
         "reference's, timed in alternating rounds (ABBA) on the same parameters, median ± half "
-        "the IQR of the per-round ratios; other load on a shared machine hits both alike.",
+        "the IQR of the per-round ratios; other load on a shared machine hits both alike. (On "
+        "sets that fit in a CPU's cache the two also evict each other's data, which the "
+        "separate timings do not see.)",
         "- **Launches**: per step from torch.profiler (CUDA: kernels + memcpy/memset on the "
         "device; CPU: top-level ATen ops). **Host syncs**: synchronising CUDA calls in one step "
         "(`torch.cuda.set_sync_debug_mode`).",
@@ -184,18 +186,41 @@ def memory_table(groups) -> list[str]:
     return lines + [""]
 
 
+SHORT = {"koala_v_triton": "kV-tri", "koala_v_torch": "kV-pt", "koala_m_triton": "kM-tri",
+         "koala_m_torch": "kM-pt", "official_v": "offV", "official_m": "offM",
+         "sgdm_foreach": "sgd-fe", "sgdm_fused": "sgd-fu", "adam_foreach": "adam-fe",
+         "adam_fused": "adam-fu", "adamw_foreach": "adamw-fe", "adamw_fused": "adamw-fu"}
+
+
 def short_table(groups) -> str:
-    """The compact table printed last by bench/device_check.sh."""
-    out = [f"{'set':<20} {'dtype':<5} {'optimizer':<30} {'ms':>10} {'xAdamW':>7} {'xSGDm':>6} "
-           f"{'xfloor':>7} {'launch':>7} {'sync':>5}"]
-    for (set_name, dtype), group in groups.items():
-        for r in group:
-            syncs = r.get("host_syncs_per_step")
-            out.append(f"{set_name:<20} {dtype:<5} {r['label']:<30} {r['median_s'] * 1e3:>10.3f} "
-                       f"{_f(r['x_baseline'], '.2f'):>7} {_f(r['x_sgdm'], '.2f'):>6} "
-                       f"{r['x_floor']:>7.1f} {r.get('launches_per_step', '-'):>7} "
-                       f"{'-' if syncs is None else syncs:>5}")
-    return "\n".join(out)
+    """Compact matrices (one row per set and dtype, one column per provider) for a terminal:
+    x AdamW, x bytes floor, and launches/host syncs per step. Printed last by device_check.sh."""
+    provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for g in groups.values() for r in g)]
+    head = f"{'set dtype':<24}{'AdamW ms':>10} " + "".join(f"{SHORT.get(p, p)[:9]:>9}" for p in provs)
+
+    def matrix(title, cell):
+        out = [title, head]
+        for (set_name, dtype), group in groups.items():
+            by = {r["provider"]: r for r in group}
+            base = next((r for r in group if r["provider"] == group[0]["baseline"]), None)
+            out.append(f"{set_name + ' ' + dtype:<24}"
+                       f"{_f(base['median_s'] * 1e3 if base else None, '.3f'):>10} "
+                       + "".join(f"{cell(by[p]) if p in by else '-':>9}" for p in provs))
+        return out
+
+    def syncs(r):
+        s = r.get("host_syncs_per_step")
+        return f"{r.get('launches_per_step', '?')}/{'-' if s is None else s}"
+
+    lines = matrix("step time / AdamW baseline (fused where measured, else foreach)",
+                   lambda r: _f(r["x_baseline"], ".2f"))
+    lines += [""] + matrix("step time / bytes-floor time (KOALA.md §7 bytes at the copy bandwidth)",
+                           lambda r: _f(r["x_floor"], ".2f"))
+    lines += [""] + matrix("launches per step / host syncs per step", syncs)
+    if any(r.get("paired_ratio") is not None for g in groups.values() for r in g):
+        lines += [""] + matrix("step time / reference, alternating rounds (--koala-paired)",
+                               lambda r: _f(r.get("paired_ratio"), ".2f", "ref"))
+    return "\n".join(lines)
 
 
 def plot(groups, provenance: list[dict], path: Path) -> None:

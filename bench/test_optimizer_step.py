@@ -40,7 +40,7 @@ def _param_copies(name: str, dtype: torch.dtype, device: torch.device) -> list:
         n_params, _ = param_sets.count(name)
         copies = 1
         if device.type == "cuda":
-            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20)
             footprint = 4 * n_params * torch.empty((), dtype=dtype).element_size()  # p, g, 2 states
             copies = min(16, max(1, math.ceil(4 * l2 / footprint)))
         _cache[key] = [param_sets.build(name, dtype, device, seed=i) for i in range(copies)]
