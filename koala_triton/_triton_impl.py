@@ -171,11 +171,14 @@ def _launch_update(table, plan_wd, coef, device, *, momentum, raw_step=False, fo
             launch(update_kernel, (group.n_chunks,), device, MOMENTUM=momentum, RAW_STEP=raw_step, **common)
 
 
+#: xavg's EMA weight 1 − 0.9 as the PyTorch path applies it: its ``_foreach_lerp_`` takes the
+#: weights as tensors and rounds them to the parameter dtype (bf16: 0.10009765625, fp16:
+#: 0.0999755859375, fp32: 0.1f). Host constants, computed once at import.
+_AVG_WEIGHT = {dtype: float(torch.tensor(1.0 - _filter.QX_BETA, dtype=FLOAT).to(dtype)) for dtype in _TL_DTYPE}
+
+
 def _avg_weight(dtype: torch.dtype) -> float:
-    """xavg's EMA weight 1 − 0.9 as the PyTorch path applies it: its ``_foreach_lerp_`` takes
-    the weights as tensors and rounds them to the parameter dtype (bf16: 0.10009765625,
-    fp16: 0.0999755859375; fp32: 0.1f). A host-side constant; no device value is read."""
-    return float(torch.tensor(1.0 - _filter.QX_BETA, dtype=FLOAT).to(dtype))
+    return _AVG_WEIGHT[dtype]
 
 
 def _device(filt) -> torch.device:

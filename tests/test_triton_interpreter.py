@@ -3,7 +3,7 @@
 ``fused=True`` on CPU parameters runs the real kernels in ``TRITON_INTERPRET=1`` mode (set per
 test with monkeypatch; the kernels pick the interpreter by device, so CUDA tests in the same
 session are unaffected). Block sizes are the interpreter's small fixed ones
-(``kernels/launch.py``: 16-element tiles, 64-element chunks), so the tiny tensors here cover
+(``kernels/launch.py``: 64-element tiles, 128-element chunks), so the small tensors here cover
 full tiles, masked tails and tensors spanning several chunks.
 
 Every scratch buffer the kernels must write (per-chunk partials, gains, distance partials) is
@@ -124,29 +124,42 @@ def cpu_foreach_scalar_rounding(monkeypatch):
 
 # ------------------------------------------------------------------------------------ cases
 #: Awkward sizes: 0-dim, empty, 1, primes, a few multi-dim, and tensors larger than one
-#: interpreter chunk (64 elements) and not a multiple of the 16-element tile.
+#: interpreter tile (64 elements) or chunk (128), not multiples of either.
 SIZES = [(), (1,), (0,), (2,), (3,), (5,), (7,), (11,), (13,), (3, 5), (17,), (31,), (2, 3, 5), (4, 4), (37,)]
 BIG = [(67,), (131,), (16, 17), (257,)]
 
 
-def make_params(n: int, dtype: torch.dtype, seed: int = 0, *, odd_layouts: bool = True) -> list[torch.Tensor]:
+def make_params(n: int, dtype: torch.dtype, seed: int = 0, *, odd_layouts: bool = True, device="cpu",
+                big=BIG) -> list[torch.Tensor]:
     """``n`` leaf tensors cycling through SIZES, four larger than a chunk, plus (with
     ``odd_layouts``) a transposed (dense), a strided (non-dense: staged) and a misaligned
     (storage offset of one element: staged) parameter, and a frozen one."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [SIZES[i % len(SIZES)] for i in range(n - len(BIG))] + BIG
-    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+    shapes = [SIZES[i % len(SIZES)] for i in range(n - len(big))] + list(big)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    params = [randn(s).requires_grad_() for s in shapes]
     if odd_layouts:
-        params[5] = torch.randn(3, 7, generator=g, dtype=torch.float64).to(dtype).t().detach().requires_grad_()
-        params[6] = torch.randn(6, 10, generator=g, dtype=torch.float64).to(dtype)[:, ::2].detach().requires_grad_()
-        params[7] = torch.randn(52, generator=g, dtype=torch.float64).to(dtype)[1:50].detach().requires_grad_()
-        params[8] = torch.randn(9, generator=g, dtype=torch.float64).to(dtype).requires_grad_(False)  # frozen
+        params[5] = randn(3, 7).t().detach().requires_grad_()
+        params[6] = randn(6, 10)[:, ::2].detach().requires_grad_()
+        params[7] = randn(52)[1:50].detach().requires_grad_()
+        params[8] = randn(9).requires_grad_(False)  # frozen
         assert params[5].stride() == (1, 7) and not params[6].is_contiguous()
     return params
 
 
 def clone_params(params):
-    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    """Copies with the same strides and storage offset (so strided and misaligned parameters
+    stay strided and misaligned: ``clone()`` would make them contiguous)."""
+    out = []
+    for p in params:
+        storage = torch.empty(p.untyped_storage().nbytes() // p.element_size(), dtype=p.dtype, device=p.device)
+        q = storage.as_strided(p.shape, p.stride(), p.storage_offset())
+        q.copy_(p.detach())
+        out.append(q.detach().requires_grad_(p.requires_grad))
+    return out
 
 
 def groups(params):
@@ -159,6 +172,7 @@ def groups(params):
 
 
 def grads_for_step(params, step: int, gen: torch.Generator, dtype: torch.dtype):
+    # drawn on the CPU (one generator for every device), then moved
     """The schedule of awkward cases: per-step None grads, tiny (skipped) grads, frozen params,
     a step without any grad (4), a NaN gradient (9: the whole measurement is skipped)."""
     out = []
@@ -166,20 +180,20 @@ def grads_for_step(params, step: int, gen: torch.Generator, dtype: torch.dtype):
         if not p.requires_grad or step == 4 or i % 7 == step % 7:
             out.append(None)
         elif i % 11 == step % 11:
-            out.append(torch.full(p.shape, 1e-12, dtype=torch.float64).to(dtype))
+            out.append(torch.full(p.shape, 1e-12, dtype=torch.float64).to(device=p.device, dtype=dtype))
         else:
-            out.append(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype))
+            out.append(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=dtype))
     if step == 9:
         target = next(j for j, gr in enumerate(out) if gr is not None and gr.numel() > 2)
         out[target].view(-1)[1] = float("nan")
     return out
 
 
-def losses_for_step(step: int, gen: torch.Generator) -> torch.Tensor:
+def losses_for_step(step: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
     per_sample = torch.rand(8, generator=gen, dtype=torch.float64) * 2
     if step == 12:
         per_sample[3] = float("inf")  # non-finite loss: skipped
-    return per_sample
+    return per_sample.to(device)
 
 
 def assign(params, grads):
@@ -226,13 +240,14 @@ def compare_states(ref_opt, tri_opt, ref_params, tri_params, rtol, what, *, mome
                                        msg=lambda m: f"{what}: filter {key}: {m}")
 
 
-def run_pair(cls, dtype, n, steps, *, seed=0, fold=False, odd_layouts=True, per_step=None, **kwargs):
+def run_pair(cls, dtype, n, steps, *, seed=0, fold=False, odd_layouts=True, per_step=None, device="cpu",
+             big=BIG, **kwargs):
     """Step a PyTorch-path and a Triton-path optimizer through the same schedule.
 
     ``per_step(step, ref_opt, tri_opt, ref_params, tri_params)`` runs after every update.
     In fold mode the Triton weights hold the prediction between steps; the comparison then
     looks inside ``posterior_weights()`` and at u (the reference holds u⁺ there too)."""
-    ref_params = make_params(n, dtype, seed, odd_layouts=odd_layouts)
+    ref_params = make_params(n, dtype, seed, odd_layouts=odd_layouts, device=device, big=big)
     tri_params = clone_params(ref_params)
     extra = {"fold_predict": True} if fold else {}
     ref = cls(groups(ref_params), fused=False, **kwargs)
@@ -245,7 +260,7 @@ def run_pair(cls, dtype, n, steps, *, seed=0, fold=False, odd_layouts=True, per_
         grads = grads_for_step(ref_params, step, gen, dtype)
         assign(ref_params, grads)
         assign(tri_params, grads)
-        loss = losses_for_step(step, gen)
+        loss = losses_for_step(step, gen, device)
         ref.step(loss=loss)
         tri.step(loss=loss)
         if per_step is not None:
@@ -266,7 +281,7 @@ def test_float32_matches_pytorch_path_on_152_awkward_tensors_over_15_steps(cls):
     assert int(f["step"]) == STEPS and int(f["skipped_steps"]) == 2  # the NaN grad and the inf loss
 
 
-def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_15_steps():
+def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_10_steps():
     a = 0.9
 
     def check(step, ref, tri, rp, tp):
@@ -291,7 +306,7 @@ def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_15_steps():
         for key, value in prior.items():
             assert float(tri.filter_state[key]) == pytest.approx(value, rel=1e-5), f"step {step}: prior {key}"
 
-    run_pair(KoalaM, torch.float32, 152, STEPS, fold=True, per_step=check)
+    run_pair(KoalaM, torch.float32, 152, 10, fold=True, per_step=check)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -41,9 +41,10 @@ class Blocks:
 #: CUDA: 4-warp programs over 16 tiles of 1024 elements (64 KiB of fp32 per tensor array per
 #: program, like torch's multi-tensor apply chunk of 65,536 elements; here 16,384).
 CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=128, num_warps=4)
-#: Interpreter: 16-element tiles, 64-element chunks: a 300-element test tensor spans 5
-#: chunks of 4 tiles, exercising every chunk and mask path in milliseconds.
-INTERPRETER_BLOCKS = Blocks(block=16, chunk=64, block_t=32, num_warps=1)
+#: Interpreter: 64-element tiles, 128-element chunks: a 257-element test tensor spans 3 chunks
+#: (full tiles, a masked tail, a 1-element last chunk) while the interpreter's cost, which is
+#: per program and per tile, stays small.
+INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, num_warps=1)
 
 
 def blocks_for(device: torch.device) -> Blocks:

@@ -65,8 +65,9 @@ def norms_kernel(
     x is not read.
     """
     i_c = tl.program_id(0).to(tl.int64)
-    i_row = tl.load(p_chunks + 2 * i_c)
-    o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
+    p_ch = p_chunks + 2 * i_c
+    i_row = tl.load(p_ch)
+    o_start = tl.multiple_of(tl.load(p_ch + 1), CHUNK)
     p_row = p_rows + i_row * NCOL
     n = tl.load(p_row + COL_NUMEL)
     i_slot = tl.load(p_row + COL_SLOT)
@@ -81,6 +82,7 @@ def norms_kernel(
     b_xx = tl.full([BLOCK], 0.0, dtype=CT)
     n_here = tl.minimum(n - o_start, CHUNK)
     n_full = n_here // BLOCK * BLOCK
+    o_tile = o_start + tl.arange(0, BLOCK).to(tl.int64)
     for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
         if PHASE == 0:
             i_lo = 0
@@ -89,17 +91,19 @@ def norms_kernel(
             i_lo = n_full
             i_hi = n_here
         for i in range(i_lo, i_hi, BLOCK):
-            o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+            o_e = o_tile + i
+            p_xe = p_x + o_e
+            p_ge = p_g + o_e
             if PHASE == 0:
                 m_e = None
                 zero = None
             else:
                 m_e = o_e < n
                 zero = 0.0
-            b_g = tl.load(p_g + o_e, mask=m_e, other=zero).to(CT)
+            b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
             b_gg += b_g * b_g
             if decayed:
-                b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
+                b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
                 b_d = b_g + b_wd * b_x
                 b_dd += b_d * b_d
                 b_xx += b_x * b_x
@@ -125,12 +129,13 @@ def update_kernel(
     before use (1 after a plain predict). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
     """
     i_c = tl.program_id(0).to(tl.int64)
-    i_row = tl.load(p_chunks + 2 * i_c)
+    p_ch = p_chunks + 2 * i_c
+    i_row = tl.load(p_ch)
     p_row = p_rows + i_row * NCOL
     i_slot = tl.load(p_row + COL_SLOT)
     b_upd = tl.load(p_coef + 3 * i_slot + 2)
     if b_upd != 0:
-        o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
+        o_start = tl.multiple_of(tl.load(p_ch + 1), CHUNK)
         n = tl.load(p_row + COL_NUMEL)
         b_cx = tl.load(p_coef + 3 * i_slot).to(CT)
         b_wd64 = tl.load(p_wd + i_slot)
@@ -144,6 +149,7 @@ def update_kernel(
             p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
         n_here = tl.minimum(n - o_start, CHUNK)
         n_full = n_here // BLOCK * BLOCK
+        o_tile = o_start + tl.arange(0, BLOCK).to(tl.int64)
         for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
             if PHASE == 0:
                 i_lo = 0
@@ -152,15 +158,17 @@ def update_kernel(
                 i_lo = n_full
                 i_hi = n_here
             for i in range(i_lo, i_hi, BLOCK):
-                o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+                o_e = o_tile + i
+                p_xe = p_x + o_e
+                p_ge = p_g + o_e
                 if PHASE == 0:
                     m_e = None
                     zero = None
                 else:
                     m_e = o_e < n
                     zero = 0.0
-                b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
-                b_g = tl.load(p_g + o_e, mask=m_e, other=zero).to(CT)
+                b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
+                b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
                 b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
                 if RAW_STEP:
                     b_dx = b_cx * b_g
@@ -168,15 +176,17 @@ def update_kernel(
                     b_dx = b_cx * b_d
                 b_dx = tl.where(tl.abs(b_dx) < float("inf"), b_dx, 0.0)
                 b_x1 = (b_x - b_dx).to(DT)
-                tl.store(p_x + o_e, b_x1, mask=m_e)
+                tl.store(p_xe, b_x1, mask=m_e)
                 if MOMENTUM:
-                    b_u = tl.load(p_u + o_e, mask=m_e, other=zero).to(CT) * u_scale
+                    p_ue = p_u + o_e
+                    p_ae = p_a + o_e
+                    b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT) * u_scale
                     b_du = b_cu * b_d
                     b_du = tl.where(tl.abs(b_du) < float("inf"), b_du, 0.0)
-                    tl.store(p_u + o_e, (b_u - b_du).to(DT), mask=m_e)
-                    b_a = tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+                    tl.store(p_ue, (b_u - b_du).to(DT), mask=m_e)
+                    b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
                     b_a1 = b_a + avg_weight * (b_x1.to(CT) - b_a)
-                    tl.store(p_a + o_e, b_a1.to(DT), mask=m_e)
+                    tl.store(p_ae, b_a1.to(DT), mask=m_e)
 
 
 def fold_kernel(
@@ -196,8 +206,9 @@ def fold_kernel(
     Rows that are not updated read no gradient and write no xavg.
     """
     i_c = tl.program_id(0).to(tl.int64)
-    i_row = tl.load(p_chunks + 2 * i_c)
-    o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
+    p_ch = p_chunks + 2 * i_c
+    i_row = tl.load(p_ch)
+    o_start = tl.multiple_of(tl.load(p_ch + 1), CHUNK)
     p_row = p_rows + i_row * NCOL
     n = tl.load(p_row + COL_NUMEL)
     i_slot = tl.load(p_row + COL_SLOT)
@@ -216,6 +227,7 @@ def fold_kernel(
     p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
     n_here = tl.minimum(n - o_start, CHUNK)
     n_full = n_here // BLOCK * BLOCK
+    o_tile = o_start + tl.arange(0, BLOCK).to(tl.int64)
     b_dist = tl.full([BLOCK], 0.0, dtype=CT)
     for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
         if PHASE == 0:
@@ -225,18 +237,22 @@ def fold_kernel(
             i_lo = n_full
             i_hi = n_here
         for i in range(i_lo, i_hi, BLOCK):
-            o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+            o_e = o_tile + i
+            p_xe = p_x + o_e
+            p_ge = p_g + o_e
+            p_ue = p_u + o_e
+            p_ae = p_a + o_e
             if PHASE == 0:
                 m_e = None
                 zero = None
             else:
                 m_e = o_e < n
                 zero = 0.0
-            b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
-            b_u = tl.load(p_u + o_e, mask=m_e, other=zero).to(CT) * u_scale
-            b_a = tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+            b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
+            b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT) * u_scale
+            b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
             if updated:
-                b_g = tl.load(p_g + o_e, mask=m_e, other=zero).to(CT)
+                b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
                 b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
                 b_dx = b_cx * b_d
                 b_du = b_cu * b_d
@@ -245,15 +261,15 @@ def fold_kernel(
                 b_x1 = (b_x - b_dx).to(DT).to(CT)
                 b_u1 = (b_u - b_du).to(DT).to(CT)
                 b_a1 = (b_a + avg_weight * (b_x1 - b_a)).to(DT).to(CT)
-                tl.store(p_a + o_e, b_a1.to(DT), mask=m_e)
+                tl.store(p_ae, b_a1.to(DT), mask=m_e)
             else:
                 b_x1 = b_x
                 b_u1 = b_u.to(DT).to(CT)
                 b_a1 = b_a
             b_gap = b_a1 - b_x1
             b_dist += b_gap * b_gap
-            tl.store(p_x + o_e, (b_x1 + b_u1).to(DT), mask=m_e)
-            tl.store(p_u + o_e, b_u1.to(DT), mask=m_e)
+            tl.store(p_xe, (b_x1 + b_u1).to(DT), mask=m_e)
+            tl.store(p_ue, b_u1.to(DT), mask=m_e)
     tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, _SUM).to(tl.float64))
     if i_c == 0:
         tl.store(p_pending, 1)
@@ -272,8 +288,9 @@ def predict_kernel(
     x ← x + x_scale·u and, with ``SCALE_U``, u ← u_mult·u.
     """
     i_c = tl.program_id(0).to(tl.int64)
-    i_row = tl.load(p_chunks + 2 * i_c)
-    o_start = tl.multiple_of(tl.load(p_chunks + 2 * i_c + 1), CHUNK)
+    p_ch = p_chunks + 2 * i_c
+    i_row = tl.load(p_ch)
+    o_start = tl.multiple_of(tl.load(p_ch + 1), CHUNK)
     p_row = p_rows + i_row * NCOL
     n = tl.load(p_row + COL_NUMEL)
     p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
@@ -282,6 +299,7 @@ def predict_kernel(
     b_dist = tl.full([BLOCK], 0.0, dtype=CT)
     n_here = tl.minimum(n - o_start, CHUNK)
     n_full = n_here // BLOCK * BLOCK
+    o_tile = o_start + tl.arange(0, BLOCK).to(tl.int64)
     for PHASE in tl.static_range(2):  # 0: full tiles, unmasked; 1: the masked tail
         if PHASE == 0:
             i_lo = 0
@@ -290,21 +308,24 @@ def predict_kernel(
             i_lo = n_full
             i_hi = n_here
         for i in range(i_lo, i_hi, BLOCK):
-            o_e = o_start + i + tl.arange(0, BLOCK).to(tl.int64)
+            o_e = o_tile + i
+            p_xe = p_x + o_e
+            p_ue = p_u + o_e
+            p_ae = p_a + o_e
             if PHASE == 0:
                 m_e = None
                 zero = None
             else:
                 m_e = o_e < n
                 zero = 0.0
-            b_x = tl.load(p_x + o_e, mask=m_e, other=zero).to(CT)
-            b_u = tl.load(p_u + o_e, mask=m_e, other=zero).to(CT)
-            b_a = tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+            b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
+            b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT)
+            b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
             b_gap = b_a - b_x
             b_dist += b_gap * b_gap
-            tl.store(p_x + o_e, (b_x + x_scale * b_u).to(DT), mask=m_e)
+            tl.store(p_xe, (b_x + x_scale * b_u).to(DT), mask=m_e)
             if SCALE_U:
-                tl.store(p_u + o_e, (u_mult * b_u).to(DT), mask=m_e)
+                tl.store(p_ue, (u_mult * b_u).to(DT), mask=m_e)
     tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, _SUM).to(tl.float64))
     if i_c == 0:
         tl.store(p_pending, 1)

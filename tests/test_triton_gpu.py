@@ -1,0 +1,244 @@
+"""The Triton path on a CUDA device (marker ``gpu``; skipped with a reason without CUDA).
+
+Each test has a CPU twin that runs in CI under Triton's interpreter
+(tests/test_triton_interpreter.py):
+
+| here (CUDA)                                   | CPU twin (interpreter)                                   |
+|-----------------------------------------------|----------------------------------------------------------|
+| test_gpu_matches_pytorch_path                 | test_float32_/test_low_precision_/test_fold_mode_matches_pytorch_path... |
+| test_gpu_graph_capture_replays_to_eager       | test_tables_are_cached_while_storages_are_stable         |
+| test_gpu_step_does_not_synchronize            | test_no_host_reads_inside_predict_and_step               |
+| test_gpu_launches_do_not_depend_on_tensors    | test_launches_per_step_do_not_depend_on_the_number_of_tensors |
+| test_gpu_int64_addressing                     | (none: needs > 2^31 elements)                            |
+
+Run: ``python -m pytest -m gpu tests/test_triton_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from koala_triton import KoalaM, KoalaV  # noqa: E402
+from koala_triton import _triton_impl  # noqa: E402
+from tests.test_triton_interpreter import (  # noqa: E402
+    ULP,
+    _magnitude,
+    assert_close_scaled,
+    clone_params,
+    compare_states,
+    groups,
+    run_pair,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEVICE = "cuda"
+#: Tensors larger than a CUDA chunk (16,384 elements) and than a tile, not multiples of either.
+GPU_BIG = [(40_009,), (300, 257), (16_384,), (1_000_003,)]
+
+
+def _reference_multiplies_like_the_kernels(dtype) -> bool:
+    """Whether torch's ``_foreach_mul_(velocities, a)`` on this device uses fp32(a) (CUDA's
+    multi-tensor kernels do) rather than a rounded to the dtype (the CPU does)."""
+    u = torch.randn(4096, device=DEVICE).to(dtype)
+    probe = [u.clone()]
+    torch._foreach_mul_(probe, 0.9)
+    return torch.equal(probe[0], (u.float() * 0.9).to(dtype))
+
+
+CASES = [(v, d) for v in ("V", "M") for d in (torch.float32, torch.bfloat16, torch.float16)] + [("M-fold", torch.float32)]
+
+
+@pytest.mark.parametrize("variant,dtype", CASES, ids=[f"{v}-{str(d)[6:]}" for v, d in CASES])
+def test_gpu_matches_pytorch_path(variant, dtype, monkeypatch):
+    if variant != "V" and dtype != torch.float32 and not _reference_multiplies_like_the_kernels(dtype):
+        from tests.test_triton_interpreter import cpu_foreach_scalar_rounding
+
+        cpu_foreach_scalar_rounding(monkeypatch)  # same rounding of a as the reference here
+    cls = KoalaV if variant == "V" else KoalaM
+    fold = variant == "M-fold"
+    steps = 15
+    largest: dict[int, float] = {}
+
+    def check(step, ref, tri, rp, tp):
+        for i, a in enumerate(rp):
+            largest[i] = max(largest.get(i, 0.0), _magnitude([a]))
+        if dtype == torch.float32 and not fold:
+            compare_states(ref, tri, rp, tp, 1e-5, f"step {step}", momentum=cls is KoalaM)
+
+    ref, tri, rp, tp = run_pair(cls, dtype, 152, steps, fold=fold, per_step=check, device=DEVICE, big=GPU_BIG)
+    tol = 1e-5 if dtype == torch.float32 else 2 * steps * ULP[dtype]
+    context = tri.posterior_weights() if fold else _null()
+    with context:
+        for i, (a, b) in enumerate(zip(rp, tp)):
+            assert_close_scaled(b, a, tol, f"param {i}", largest[i])
+    if cls is KoalaM:
+        for key in ("velocity", "xavg"):
+            scale = _magnitude(ref.state[x][key] for x in rp)
+            for i, (a, b) in enumerate(zip(rp, tp)):
+                assert_close_scaled(tri.state[b][key], ref.state[a][key], tol, f"{key} {i}", scale)
+    if not fold:  # fold mode's filter already holds the next prior
+        for key, value in ref.filter_state.items():
+            torch.testing.assert_close(tri.filter_state[key].double(), value.double(), rtol=max(tol, 1e-6), atol=0.0)
+    assert int(tri.filter_state["skipped_steps"]) == 2
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_gpu_graph_capture_replays_to_eager(variant):
+    """A captured predict + update, replayed, gives the eager steps' weights bit for bit.
+
+    Conditions (kernels/NOTES.md): grads keep their storage (copy new values in, never set
+    them to None), lr is a device tensor changed in place, the loss is a static device tensor,
+    a few eager steps run first (tables, buffers and kernels are built outside the capture),
+    and the optimizer is not stepped eagerly between replays."""
+    cls = KoalaV if variant == "V" else KoalaM
+    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    torch.manual_seed(0)
+    shapes = [(), (7,), (300, 257), (40_009,), (33, 3)]
+    eager_params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in shapes]
+    graph_params = clone_params(eager_params)
+    lr_e = torch.tensor(0.5, device=DEVICE, dtype=torch.float64)
+    lr_g = lr_e.clone()
+    eager = cls([{"params": eager_params[:2]}, {"params": eager_params[2:], "weight_decay": 0.01}],
+                lr=lr_e, fused=True, **extra)
+    graphed = cls([{"params": graph_params[:2]}, {"params": graph_params[2:], "weight_decay": 0.01}],
+                  lr=lr_g, fused=True, **extra)
+    for p in eager_params + graph_params:
+        p.grad = torch.zeros_like(p)
+    static_loss = torch.zeros(16, device=DEVICE, dtype=torch.float64)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    inputs = [([torch.randn(s, device=DEVICE, generator=gen) for s in shapes],
+               torch.rand(16, device=DEVICE, dtype=torch.float64, generator=gen)) for _ in range(12)]
+
+    def feed(params, grads, loss_values):
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+        static_loss.copy_(loss_values)
+
+    def eager_step(opt, params, i):
+        grads, losses = inputs[i]
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+        opt.predict()
+        opt.step(loss=losses.clone())
+
+    warmup = 3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(warmup):
+            eager_step(eager, eager_params, i)
+            feed(graph_params, *inputs[i])
+            graphed.predict()
+            graphed.step(loss=static_loss)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    feed(graph_params, *inputs[warmup])
+    with torch.cuda.graph(graph):
+        graphed.predict()
+        graphed.step(loss=static_loss)
+    for i in range(warmup, len(inputs)):
+        if i == 8:  # lr schedule: in place, seen by the replays
+            lr_e.fill_(0.25)
+            lr_g.fill_(0.25)
+        feed(graph_params, *inputs[i])
+        graph.replay()  # capture does not run the work: the first replay is iteration `warmup`
+        eager_step(eager, eager_params, i)
+    torch.cuda.synchronize()
+    for a, b in zip(eager_params, graph_params):
+        assert torch.equal(a, b)
+    for key, value in eager.filter_state.items():
+        assert torch.equal(graphed.filter_state[key], value), key
+    if cls is KoalaM:
+        for a, b in zip(eager_params, graph_params):
+            assert torch.equal(eager.state[a]["velocity"], graphed.state[b]["velocity"])
+            assert torch.equal(eager.state[a]["xavg"], graphed.state[b]["xavg"])
+
+
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_gpu_step_does_not_synchronize(variant):
+    cls = KoalaV if variant == "V" else KoalaM
+    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in [(), (5,), (300, 257), (1_000_003,)]]
+    opt = cls(groups(params), fused=True, **extra)
+
+    def step():
+        opt.predict()
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step(loss=torch.rand(16, device=DEVICE))
+
+    for _ in range(2):  # compile the kernels, build the tables
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert int(opt.filter_state["step"]) == 5
+
+
+def _kernels_per_iteration(cls, n, **extra):
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [torch.randn((i % 5) + 1, device=DEVICE, requires_grad=True) for i in range(n)]
+    opt = cls(params, fused=True, **extra)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(2):
+        opt.predict()
+        opt.step(loss=torch.rand(8, device=DEVICE))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.predict()
+        opt.step(loss=torch.rand(8, device=DEVICE))
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = {"norms_kernel", "filter_kernel", "update_kernel", "fold_kernel", "predict_kernel"}
+    triton = [e for e in kernels if e.name in ours]
+    return len(kernels), len(triton)
+
+
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_gpu_launches_do_not_depend_on_tensors(variant):
+    cls = KoalaV if variant == "V" else KoalaM
+    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    few = _kernels_per_iteration(cls, 20, **extra)
+    many = _kernels_per_iteration(cls, 160, **extra)
+    assert few == many, f"(all kernels, triton kernels) per iteration: 20 tensors {few}, 160 tensors {many}"
+    assert few[1] == {"V": 3, "M": 4, "M-fold": 3}[variant]
+
+
+def test_gpu_int64_addressing():
+    """A tensor of more than 2^31 elements: the last elements are updated like the first."""
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * 2 + (2 << 30):
+        pytest.skip(f"needs ~{3 * n * 2 >> 30} GiB of free GPU memory")
+    x = torch.zeros(n, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    opt = KoalaV([x], fused=True)
+    opt.predict()
+    x.grad = torch.ones_like(x)
+    opt.step(loss=torch.full((4,), 2.0, device=DEVICE))
+    first = x[0].item()
+    assert first < 0
+    for i in (2**31 - 1, 2**31, 2**31 + 1, n - 1):
+        assert x[i].item() == first, i
+    del x, opt
+    torch.cuda.empty_cache()
