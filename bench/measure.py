@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -39,7 +40,7 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{brand} ({torch.get_num_threads()} threads)"
+    return f"{brand}, {os.cpu_count()} CPUs"
 
 
 def time_runs(fn: Callable[[], None], device: torch.device, reps: int) -> list[float]:

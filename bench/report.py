@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     for path in paths:
         data = json.loads(Path(path).read_text())
         info = dict(data.get("machine_info", {}).get("koala_bench", {}))
+        if info.get("device_name"):  # older runs put the torch thread count in the name
+            info["device_name"] = re.sub(r" \(\d+ threads\)$", f", {info.get('cpu_count')} CPUs"
+                                         if info.get("cpu_count") else "", info["device_name"])
         info.setdefault("date", data.get("datetime"))
         info["file"] = str(path)
         info["commit"] = (data.get("commit_info") or {}).get("id")
@@ -98,7 +102,7 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
         lines += [
             f"- **Device**: {p.get('device_name')} (`{p.get('device')}`); torch {p.get('torch')}, "
             f"triton {p.get('triton')}, koala_triton {p.get('koala_triton')}; "
-            f"{p.get('threads')} CPU threads; mode `{p.get('mode')}`; date {p.get('date')}; "
+            f"{p.get('threads')} torch threads; mode `{p.get('mode')}`; date {p.get('date')}; "
             f"commit {str(p.get('commit'))[:10]}; file `{Path(p['file']).name}`",
             f"- **Copy bandwidth** (device-to-device `copy_`, best of 20, measured in the same run): "
             f"{_f(p.get('copy_gbps'), '.1f')} GB/s",
