@@ -78,7 +78,6 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int, reps: int = 20) -> fl
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     seconds = min(time_runs(lambda: dst.copy_(src), device, reps))
-    del src, dst
     return 2 * nbytes / seconds / 1e9
 
 
