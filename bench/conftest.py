@@ -47,7 +47,8 @@ MODES = {
     "smoke": Mode(_pairs(["resnet18-w16"], ["fp32", "bf16"])
                   + _pairs(["gpt2-tiny", "many-small-200x1K", "huge-1x4M"], ["fp32"]),
                   rounds=5, round_s=0.005, max_case_s=1.0, copy_bytes=64 * 2 ** 20),
-    # Full sizes that a 2-core CPU finishes in ~5 minutes (~10 with --koala-paired); GPT-2 small fp32 included.
+    # Full sizes that a 2-core CPU finishes in ~5 minutes (~10 with --koala-paired), GPT-2
+    # small fp32 included.
     "full-cpu": Mode(_pairs(["resnet18", "resnet50", "gpt2-small", "many-small-1000x1K",
                              "huge-1x64M"], ["fp32"])
                      + _pairs(["resnet18"], ["bf16"]),

@@ -50,7 +50,8 @@ log "GPU tests: $gpu_tests_msg"
 log "benchmark: pytest bench --koala-bench=full --benchmark-json $OUT/bench.json"
 KOALA_BENCH_BUDGET_S="${KOALA_BENCH_BUDGET_S:-250}" \
 timeout -s INT -k 20 280 "$PY" -m pytest bench/test_optimizer_step.py \
-    --koala-bench="${KOALA_BENCH:-full}" --koala-device="${KOALA_BENCH_DEVICE:-cuda}" --benchmark-json "$OUT/bench.json" -q -p no:cacheprovider \
+    --koala-bench="${KOALA_BENCH:-full}" --koala-device="${KOALA_BENCH_DEVICE:-cuda}" \
+    --benchmark-json "$OUT/bench.json" -q -p no:cacheprovider \
     --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name 2>&1 | tee -a "$LOG"
 bench_rc=$?
 log "benchmark: rc $bench_rc"
