@@ -146,7 +146,9 @@ def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, 
                 gap.copy_(avg).sub_(p)
         distance = squared_norms(gaps, device).sum().sqrt() / max(numel, 1)
         torch._foreach_add_(params, velocities)
-        torch._foreach_mul_(velocities, a)
+        # A Python float would be rounded to a 16-bit velocity's dtype first (0.9 -> 0.8984375
+        # in bfloat16); a float64 device scalar keeps the product correctly rounded, once.
+        torch._foreach_mul_(velocities, torch.full((), a, dtype=FLOAT, device=device))
     else:
         distance = torch.zeros((), dtype=FLOAT, device=device)
     _filter.predict_m(filt, distance, a=a, qv=qv)
