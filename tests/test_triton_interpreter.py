@@ -44,11 +44,7 @@ from koala_triton import KoalaM, KoalaV  # noqa: E402
 from koala_triton import _triton_impl  # noqa: E402
 from koala_triton.kernels import tables as _tables  # noqa: E402
 
-pytestmark = [
-    pytest.mark.interpreter,
-    # 0·inf in the interpreter's numpy when a step is (deliberately) non-finite
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-]
+pytestmark = pytest.mark.interpreter
 
 STEPS = 15
 ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

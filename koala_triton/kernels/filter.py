@@ -83,19 +83,17 @@ def filter_kernel(
     if MEASURE:
         b_r = tl.load(p_r)
         loss = tl.load(p_loss)
-        # Finite loss, second moment and gradient norms <=> this probe is 0 (NaN otherwise);
-        # "every gradient norm finite" <=> the sum of all their chunk partials is finite.
+        # Every gradient norm finite <=> the sum of all their chunk partials is (they are >= 0).
         b_tot = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
         for i in range(0, 3 * n_partials, BLOCK_T):
             o = i + o_t
             b_tot += tl.load(p_partials + o, mask=(o < 3 * n_partials) & (o % 3 != 2), other=0.0)
-        probe = loss * 0.0 + tl.reduce(b_tot * 0.0, 0, _SUM)
+        finite = (tl.abs(loss) < float("inf")) & (tl.reduce(b_tot, 0, _SUM) < float("inf"))
         if ADAPTIVE:
             loss_sq = tl.load(p_loss_sq)
-            probe = probe + loss_sq * 0.0
-        finite = probe == 0
-        # the same condition as a block (Triton's interpreter mistypes a scalar bool `&` a block)
-        m_finite = (tl.full([BLOCK_T], 0.0, dtype=tl.float64) + probe) == 0
+            finite = finite & (tl.abs(loss_sq) < float("inf"))
+        # the same condition as a block mask (Triton's interpreter mistypes scalar-bool & block)
+        m_finite = (tl.full([BLOCK_T], 0.0, dtype=tl.float64) + tl.where(finite, 0.0, 1.0)) == 0
         if ADAPTIVE:
             ema = tl.load(p_const + C_ALPHA) * b_r + tl.load(p_const + C_ONE_MINUS_ALPHA) * loss_sq
             noise = tl.where(finite, ema, b_r)
