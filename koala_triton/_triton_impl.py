@@ -116,11 +116,10 @@ def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=N
         p_const=const,
         n_slots=k,
         n_partials=table.n_chunks if k else 0,
-        max_chunks=table.max_chunks if k else 0,
         n_dist=tail["n_dist"] if tail is not None else 0,
         numel_total=max(tail["numel"], 1) if tail is not None else 1,
         MOMENTUM=momentum, ADAPTIVE=measure and r is None, MEASURE=measure, TAIL=tail is not None,
-        BLOCK_T=blocks.block_t,
+        BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c,
     )
     if tail is not None:
         tail["maybe"] = False

@@ -82,7 +82,7 @@ def test_filter_kernel_compiles_in_float64(flags):
     signature = {n: "*fp64" for n in ["p_pxx", "p_pxu", "p_puu", "p_qx", "p_r", "p_loss", "p_loss_sq", "p_lr", "p_wd",
                                      "p_eps", "p_partials", "p_coef", "p_dist", "p_const"]}
     signature.update({"p_step": "*i64", "p_skipped": "*i64", "p_slot_chunks": "*i64", "p_pending": "*i32",
-                      "n_slots": "i32", "n_partials": "i32", "max_chunks": "i32", "n_dist": "i32", "numel_total": "i64"})
-    code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t})
+                      "n_slots": "i32", "n_partials": "i32", "n_dist": "i32", "numel_total": "i64"})
+    code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t, "BLOCK_C": CUDA_BLOCKS.block_c})
     assert re.search(r"\.f64", code), "the filter computes in float64"
     assert "sqrt.rn.f64" in code or not flags["MEASURE"] and not flags["TAIL"]

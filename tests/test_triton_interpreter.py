@@ -25,10 +25,9 @@ Tolerances (the error model, per dtype):
   trajectory: every element within 2 ulps of it per step taken, and at least 99% of all
   elements of each array (weights, velocities, xavg) bitwise equal at the end (measured: all
   weights and velocities, and all but a handful of xavg elements; a missed or wrong update
-  changes nearly every element of a tensor). Two known differences are modelled rather than
-  tolerated: the interpreter's fp32->bf16 conversion truncates where the GPU rounds
-  (``round_bf16_like_the_gpu``), and the CPU PyTorch path rounds predict's ``a`` to the
-  parameter dtype where CUDA and the kernels use fp32 (``cpu_foreach_scalar_rounding``).
+  changes nearly every element of a tensor). One known difference is modelled rather than
+  tolerated: the interpreter's fp32->bf16 conversion truncates where the GPU rounds to
+  nearest even (``round_bf16_like_the_gpu``).
 """
 
 from __future__ import annotations
@@ -93,29 +92,6 @@ def poisoned_scratch(monkeypatch):
         return buf
 
     monkeypatch.setattr(_triton_impl, "_buffer", poisoned)
-
-
-def cpu_foreach_scalar_rounding(monkeypatch):
-    """Predict's u ← a·u as the PyTorch path computes it *on the CPU*.
-
-    The kernels multiply in fp32 by fp32(a), like torch's CUDA multi-tensor kernels do for
-    ``torch._foreach_mul_(velocities, a)``. On the CPU that call rounds the scalar to the
-    tensor's dtype first (bf16: a = 0.9 -> 0.8984375), so for bf16/fp16 the CPU reference
-    differs from its own CUDA run. To compare the kernels' arithmetic element for element with
-    the CPU reference, this hands the predict kernel the multiplier the CPU reference uses."""
-    import triton.language as tl
-
-    from koala_triton.kernels.passes import predict_kernel
-
-    original = _triton_impl.launch
-    torch_dtype = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
-
-    def launch(fn, grid, device, **kwargs):
-        if fn is predict_kernel and kwargs["DT"] in torch_dtype:
-            kwargs["u_mult"] = float(torch.tensor(kwargs["u_mult"], dtype=torch.float64).to(torch_dtype[kwargs["DT"]]))
-        return original(fn, grid, device, **kwargs)
-
-    monkeypatch.setattr(_triton_impl, "launch", launch)
 
 
 # ------------------------------------------------------------------------------------ cases
@@ -307,9 +283,8 @@ def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_10_steps():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-def test_low_precision_matches_pytorch_path_within_the_rounding_error_model(cls, dtype, monkeypatch):
+def test_low_precision_matches_pytorch_path_within_the_rounding_error_model(cls, dtype):
     steps = 5
-    cpu_foreach_scalar_rounding(monkeypatch)
     largest: dict[int, float] = {}  # per tensor, the largest magnitude along the trajectory
 
     def track(step, ref, tri, rp, tp):

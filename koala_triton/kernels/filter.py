@@ -7,8 +7,9 @@ same float64 expressions in the same order), from the per-chunk partial sums of 
    the ``pending`` flag, D = sqrt(Σ partial ‖xavg − x‖²)/n, qx ← 0.9·qx + 0.1·D and
    P̂ = F P Fᵀ + diag(qx, qv); the flag is cleared. The flag lives on the device, so a graph
    replay or a repeated settle applies each predict exactly once.
-2. *Measurement* (``MEASURE``): per tensor (slot) the chunk partials are added in chunk order
-   (deterministic); finiteness of the loss, its second moment and every gradient norm; the R
+2. *Measurement* (``MEASURE``): per tensor (slot) the chunk partials are added in a fixed
+   order, [BLOCK_T tensors x BLOCK_C chunks] tiles over each tensor block's chunk range, so the
+   work is proportional to the number of chunks even when one tensor has thousands of them; finiteness of the loss, its second moment and every gradient norm; the R
    EMA (updated before use); the skip rule sqrt(‖g‖²) >= eps; gains c_x = lr·L̃·P̂xx/S,
    c_u = lr·L̃·P̂ux/S; G = the largest ‖g̃‖² among updated tensors; the stable covariance forms
    p⁺ = ρ·p̂ (or Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S), ρ = R/S; R, step and
@@ -28,6 +29,7 @@ import triton.language as tl
 # functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
 _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
+_MIN = tl.standard._elementwise_min
 
 C_ALPHA = tl.constexpr(0)
 C_ONE_MINUS_ALPHA = tl.constexpr(1)
@@ -42,12 +44,14 @@ def filter_kernel(
     p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped,
     p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_coef,
     p_pending, p_dist, p_const,
-    n_slots, n_partials, max_chunks, n_dist, numel_total,
+    n_slots, n_partials, n_dist, numel_total,
     MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused."""
     o_t = tl.arange(0, BLOCK_T)
+    o_cb = tl.arange(0, BLOCK_C)
+    o_f = tl.arange(0, BLOCK_T * BLOCK_C)  # flat sweeps over all chunks
     zero = tl.full([], 0.0, dtype=tl.float64)
     b_pxx = tl.load(p_pxx)
     if MOMENTUM:
@@ -61,9 +65,9 @@ def filter_kernel(
     if TAIL:
         pending = tl.load(p_pending) != 0
         b_qx = tl.load(p_qx)
-        b_acc = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
-        for i in range(0, n_dist, BLOCK_T):
-            b_acc += tl.load(p_dist + i + o_t, mask=i + o_t < n_dist, other=0.0)
+        b_acc = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
+        for i in range(0, n_dist, BLOCK_T * BLOCK_C):
+            b_acc += tl.load(p_dist + i + o_f, mask=i + o_f < n_dist, other=0.0)
         dist = tl.sqrt(tl.reduce(b_acc, 0, _SUM)) / numel_total.to(tl.float64)
         beta = tl.load(p_const + C_BETA)
         one_minus_beta = tl.load(p_const + C_ONE_MINUS_BETA)
@@ -84,9 +88,9 @@ def filter_kernel(
         b_r = tl.load(p_r)
         loss = tl.load(p_loss)
         # Every gradient norm finite <=> the sum of all their chunk partials is (they are >= 0).
-        b_tot = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
-        for i in range(0, 3 * n_partials, BLOCK_T):
-            o = i + o_t
+        b_tot = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
+        for i in range(0, 3 * n_partials, BLOCK_T * BLOCK_C):
+            o = i + o_f
             b_tot += tl.load(p_partials + o, mask=(o < 3 * n_partials) & (o % 3 != 2), other=0.0)
         finite = (tl.abs(loss) < float("inf")) & (tl.reduce(b_tot, 0, _SUM) < float("inf"))
         if ADAPTIVE:
@@ -106,15 +110,27 @@ def filter_kernel(
             m_s = o_s < n_slots
             c_first = tl.load(p_slot_chunks + 2 * o_s, mask=m_s, other=0)
             c_count = tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0)
+            # This block's chunks: one contiguous range when all tensors share a dtype (tables
+            # number chunks by dtype group, then in slot order). Walk it in tiles of BLOCK_C
+            # chunks; a [BLOCK_T, BLOCK_C] selection adds each chunk to its own tensor only,
+            # in a fixed order (deterministic, no cancellation between tensors).
+            c_end = c_first + c_count
+            c_lo = tl.reduce(tl.where(m_s, c_first, n_partials), 0, _MIN)
+            c_hi = tl.reduce(tl.where(m_s, c_end, 0), 0, _MAX)
             b_gg = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
             b_dd = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
             b_xx = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
-            for j in range(0, max_chunks):
-                m_j = m_s & (j < c_count)
-                p_j = p_partials + 3 * (c_first + j)
-                b_gg += tl.load(p_j, mask=m_j, other=0.0)
-                b_dd += tl.load(p_j + 1, mask=m_j, other=0.0)
-                b_xx += tl.load(p_j + 2, mask=m_j, other=0.0)
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                o_c = c0 + o_cb
+                m_c = o_c < c_hi
+                p_c3 = p_partials + 3 * o_c
+                b_cgg = tl.load(p_c3, mask=m_c, other=0.0)
+                b_cdd = tl.load(p_c3 + 1, mask=m_c, other=0.0)
+                b_cxx = tl.load(p_c3 + 2, mask=m_c, other=0.0)
+                m_sel = (o_c[None, :] >= c_first[:, None]) & (o_c[None, :] < c_end[:, None])
+                b_gg += tl.reduce(tl.where(m_sel, b_cgg[None, :], 0.0), 1, _SUM)
+                b_dd += tl.reduce(tl.where(m_sel, b_cdd[None, :], 0.0), 1, _SUM)
+                b_xx += tl.reduce(tl.where(m_sel, b_cxx[None, :], 0.0), 1, _SUM)
             b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
             b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
             b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
@@ -135,7 +151,9 @@ def filter_kernel(
         rho = tl.where(informative, noise / s_max, 1.0)
         if MOMENTUM:
             det = b_pxx * b_puu - b_pxu * b_pxu
-            b_puu = tl.where(informative, (largest * det + noise * b_puu) / s_max, b_puu)
+            # nothing measured (G = 0) leaves P̂uu bit for bit (R·P̂uu/R can round), as _filter does
+            measured = informative & (largest > 0)
+            b_puu = tl.where(measured, (largest * det + noise * b_puu) / s_max, b_puu)
             b_pxu = b_pxu * rho
         b_pxx = b_pxx * rho
         tl.store(p_r, noise)

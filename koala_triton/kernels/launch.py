@@ -28,23 +28,25 @@ class Blocks:
         block: elements per tile (one vector op over ``block`` lanes).
         chunk: elements per program; a tensor of n elements owns ceil(n / chunk) programs
             (and as many partial-sum slots). A multiple of ``block``.
-        block_t: tensors handled per iteration of the one-program filter kernel.
+        block_t, block_c: the one-program filter kernel reduces per-chunk partials in
+            [block_t tensors x block_c chunks] tiles (and sweeps flat over block_t * block_c).
         num_warps: warps per program of the elementwise passes.
     """
 
     block: int
     chunk: int
     block_t: int
+    block_c: int
     num_warps: int
 
 
 #: CUDA: 4-warp programs over 16 tiles of 1024 elements (64 KiB of fp32 per tensor array per
 #: program, like torch's multi-tensor apply chunk of 65,536 elements; here 16,384).
-CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=128, num_warps=4)
+CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=32, block_c=32, num_warps=4)
 #: Interpreter: 64-element tiles, 128-element chunks: a 257-element test tensor spans 3 chunks
 #: (full tiles, a masked tail, a 1-element last chunk) while the interpreter's cost, which is
 #: per program and per tile, stays small.
-INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, num_warps=1)
+INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, block_c=8, num_warps=1)
 
 
 def blocks_for(device: torch.device) -> Blocks:

@@ -51,7 +51,6 @@ class Table:
     n_chunks: int  # all groups
     #: [k, 2] int64 by slot: (first global chunk, number of chunks); None without slots.
     slot_chunks: Tensor | None
-    max_chunks: int  # most chunks of any slotted row (the filter kernel's inner loop count)
     keep: list = field(default_factory=list)  # host sources of in-flight uploads
 
 
@@ -169,7 +168,6 @@ def table(
     groups = []
     slot_chunks = [[0, 0] for _ in range(num_slots)]
     base = 0
-    max_chunks = 0
     for dtype, members in by_dtype.items():
         rows, chunks = [], []
         for j, i in enumerate(members):
@@ -182,7 +180,6 @@ def table(
             n_row = -(-numel // blocks.chunk)
             if slot >= 0:
                 slot_chunks[slot] = [base + len(chunks), n_row]
-                max_chunks = max(max_chunks, n_row)
             chunks.extend([j, c * blocks.chunk] for c in range(n_row))
         n_chunks = len(chunks)
         flat_rows = [v for r in rows for v in r]
@@ -196,7 +193,7 @@ def table(
         ))
         base += n_chunks
     slot_tensor = _upload([v for s in slot_chunks for v in s] or [0, 0], device, keep) if num_slots else None
-    result = Table(groups=groups, n_chunks=base, slot_chunks=slot_tensor, max_chunks=max_chunks, keep=keep)
+    result = Table(groups=groups, n_chunks=base, slot_chunks=slot_tensor, keep=keep)
     tables[key] = result
     while len(tables) > _MAX_TABLES:
         tables.popitem(last=False)
