@@ -163,5 +163,14 @@ def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mea
     if not steps:
         return
     torch._foreach_addcmul_(velocities, steps, list((-gains.coef_u).unbind()))
-    weights = list((gains.updated * (1.0 - _filter.QX_BETA)).unbind())
-    torch._foreach_lerp_(averages, plan.params, weights)
+    # xavg_i += w_i·(x_i − xavg_i), w_i = 0.1 where tensor i was updated, else 0. A tensor
+    # weight is rounded to the tensor's dtype by lerp (0.1 -> 0.10009765625 in bfloat16), so
+    # 16-bit averages take the difference in float32 through the scratch buffer instead.
+    weights = (gains.updated * (1.0 - _filter.QX_BETA)).unbind()
+    wide = [i for i, p in enumerate(plan.params) if p.dtype == compute_dtype(p.dtype)]
+    if wide:
+        torch._foreach_lerp_([averages[i] for i in wide], [plan.params[i] for i in wide], [weights[i] for i in wide])
+    for i, p in enumerate(plan.params):
+        if p.dtype != compute_dtype(p.dtype):
+            gap = steps[i].copy_(p).sub_(averages[i])
+            averages[i].addcmul_(gap, weights[i])

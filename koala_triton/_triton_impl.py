@@ -170,10 +170,12 @@ def _launch_update(table, plan_wd, coef, device, *, momentum, raw_step=False, fo
             launch(update_kernel, (group.n_chunks,), device, MOMENTUM=momentum, RAW_STEP=raw_step, **common)
 
 
-#: xavg's EMA weight 1 − 0.9 as the PyTorch path applies it: its ``_foreach_lerp_`` takes the
-#: weights as tensors and rounds them to the parameter dtype (bf16: 0.10009765625, fp16:
-#: 0.0999755859375, fp32: 0.1f). Host constants, computed once at import.
-_AVG_WEIGHT = {dtype: float(torch.tensor(1.0 - _filter.QX_BETA, dtype=FLOAT).to(dtype)) for dtype in _TL_DTYPE}
+#: xavg's EMA weight 1 − 0.9 in each parameter dtype's arithmetic dtype, as the PyTorch path
+#: applies it (0.1f for 16- and 32-bit params, 0.1 for float64). Host constants.
+_AVG_WEIGHT = {
+    dtype: float(torch.tensor(1.0 - _filter.QX_BETA, dtype=FLOAT).to(torch.float64 if dtype == torch.float64 else torch.float32))
+    for dtype in _TL_DTYPE
+}
 
 
 def _avg_weight(dtype: torch.dtype) -> float:
