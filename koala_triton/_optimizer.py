@@ -7,6 +7,7 @@ mean and second moment on the device, and choosing the PyTorch or the Triton pat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,6 +18,38 @@ from . import _dispatch, _filter, _validation
 from ._plan import StepPlan
 
 FLOAT = _filter.FLOAT
+
+
+@dataclass
+class LossInput:
+    """A validated loss, before its moments are taken (each implementation takes them itself).
+
+    Attributes:
+        loss: the per-sample losses [B] (B >= 1) or the mean loss [], detached, on the
+            parameters' device, in the dtype it was given (a Python float becomes float64).
+        loss_var: with a scalar loss and adaptive R, the mean of squared per-sample losses []
+            (same conventions); else None.
+        adaptive: R is estimated (``r=None``): the second moment is needed.
+    """
+
+    loss: Tensor
+    loss_var: Tensor | None
+    adaptive: bool
+
+    @property
+    def per_sample(self) -> bool:
+        return self.loss.dim() == 1
+
+    def moments(self) -> tuple[Tensor, Tensor | None]:
+        """(mean, mean of squares or None) as float64 0-dim tensors, with torch ops (the
+        PyTorch path; the Triton path computes them inside its filter kernel)."""
+        loss_t = self.loss.to(FLOAT)
+        if self.per_sample:
+            return loss_t.mean(), (loss_t * loss_t).mean() if self.adaptive else None
+        if not self.adaptive:
+            return loss_t, None
+        return loss_t, self.loss_var.to(FLOAT)
+
 
 #: Hyper-parameters that may differ between param groups; all others belong to the filter.
 GROUP_KEYS = ("lr", "weight_decay", "eps")
@@ -154,10 +187,12 @@ class KoalaOptimizer(Optimizer):
                 )
             result = loss
         # Validate the loss before the implicit predict, so bad input changes no state.
-        mean, sq_mean = self._loss_moments(loss, loss_var)
+        loss_in = self._loss_moments(loss, loss_var)
         if not self._predicted:
             self._implicit_predict()
-        self._measure(mean, sq_mean)
+        # The PyTorch path takes (mean, mean of squares) with torch ops; the Triton path hands
+        # the LossInput to its filter kernel, which reduces it there (no extra launches).
+        self._measure(*self._impl.loss_moments(loss_in))
         self._predicted = False
         return result
 
@@ -169,13 +204,18 @@ class KoalaOptimizer(Optimizer):
         if isinstance(value, Tensor):
             if value.is_complex() or not value.is_floating_point():
                 raise TypeError(f"{name} must be a real floating-point tensor, got {value.dtype}")
-            return value.detach().to(device=self._device, dtype=FLOAT)
+            # The dtype is kept: the implementation converts to float64 (the Triton path inside
+            # its filter kernel, so that no conversion op runs).
+            return value.detach().to(device=self._device)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a tensor or a float, got {type(value).__name__}")
         # torch.full is a device fill (no host-to-device copy, no synchronisation).
         return torch.full((), float(value), dtype=FLOAT, device=self._device)
 
-    def _loss_moments(self, loss, loss_var) -> tuple[Tensor, Tensor | None]:
+    def _loss_moments(self, loss, loss_var) -> LossInput:
+        """Validate the loss (before any state changes); the moments are taken by the
+        implementation (``LossInput.moments`` on the PyTorch path, the filter kernel on the
+        Triton path)."""
         adaptive = self._hyper["r"] is None
         loss_t = self._scalar("loss", loss)
         if loss_t.dim() == 1:
@@ -183,11 +223,11 @@ class KoalaOptimizer(Optimizer):
                 raise ValueError("loss: the per-sample loss vector is empty")
             if loss_var is not None:
                 raise ValueError("loss_var must not be given with per-sample losses (it is computed from them)")
-            return loss_t.mean(), (loss_t * loss_t).mean() if adaptive else None
+            return LossInput(loss_t, None, adaptive)
         if loss_t.dim() != 0:
             raise ValueError(f"loss must be a scalar or a 1-D tensor of per-sample losses, got shape {tuple(loss_t.shape)}")
         if not adaptive:
-            return loss_t, None
+            return LossInput(loss_t, None, adaptive)
         if loss_var is None:
             raise ValueError(
                 "loss_var is required with a scalar loss when R is estimated (r=None): pass the "
@@ -196,7 +236,7 @@ class KoalaOptimizer(Optimizer):
         var_t = self._scalar("loss_var", loss_var)
         if var_t.dim() != 0:
             raise ValueError(f"loss_var must be a scalar, got shape {tuple(var_t.shape)}")
-        return loss_t, var_t
+        return LossInput(loss_t, var_t, adaptive)
 
     # ------------------------------------------------------------------ plan of a step
     def _plan(self) -> StepPlan:

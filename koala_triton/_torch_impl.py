@@ -125,6 +125,17 @@ def _measure_and_step_weights(plan, filt, loss, loss_sq_mean, *, r, alpha_r, mom
     return gains, steps
 
 
+def loss_moments(loss_in) -> tuple[Tensor, Tensor | None]:
+    """The minibatch mean loss and mean of squared losses (float64, 0-dim) of a validated
+    ``_optimizer.LossInput``."""
+    return loss_in.moments()
+
+
+def koala_v_predict(filt, *, q: float, cache=None) -> None:
+    """KOALA-V time update: p̂ = p + q."""
+    _filter.predict_v(filt, q)
+
+
 def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_grad_step, cache=None) -> None:
     """KOALA-V measurement update of every tensor in ``plan`` and of the filter ``filt``."""
     _measure_and_step_weights(

@@ -6,9 +6,11 @@ the fold-mode entry points of KOALA-M (``koala_m_predict_deferred``,
 ``kernels/NOTES.md``.
 
 Launches per iteration, independent of the number of tensors (one more norms and one more
-update launch per extra parameter dtype): KOALA-V update 3 (norms, filter, update; its
-predict is the one scalar ``p += q``); KOALA-M predict 1 + update 3; KOALA-M with the fold,
-update 3 and predict 0. Nothing here reads a device value on the host.
+update launch per extra parameter dtype), and no other device work: KOALA-V update 3 (norms,
+filter, update) and predict 0 (counted on the host, added by the filter kernel); KOALA-M
+predict 1 + update 3; KOALA-M with the fold, update 3 and predict 0. The loss moments are
+taken inside the filter kernel (``loss_moments`` passes the validated loss through). Nothing
+here reads a device value on the host.
 
 Lazy predict tail (KOALA-M): the predict pass writes per-chunk partial sums of ‖xavg − x‖² and
 raises a device flag; the scalar part of the predict (qx EMA, P̂ = F P Fᵀ + Q) runs at the start
@@ -90,23 +92,51 @@ def _filter_args(filt: dict[str, Tensor], momentum: bool) -> dict:
     return dict(p_pxx=p, p_pxu=p, p_puu=p, p_qx=p)
 
 
+def _loss_args(loss, loss_sq_mean) -> dict:
+    """Kernel arguments for the loss: a LossInput (per-sample vector, or scalar loss and
+    loss_var, any float dtype) or, from direct callers, float64 0-dim (loss, loss_sq_mean)."""
+    if isinstance(loss, Tensor):
+        vec, var = loss, loss_sq_mean
+    else:
+        vec, var = loss.loss, loss.loss_var
+    per_sample = vec.dim() == 1
+    return dict(
+        p_loss=vec, p_loss_sq=var if var is not None else vec,
+        n_loss=vec.numel() if per_sample else 1, loss_stride=vec.stride(0) if per_sample else 1,
+        LOSS_VEC=per_sample,
+    )
+
+
+def loss_moments(loss_in) -> tuple:
+    """The Triton path takes the loss moments inside the filter kernel: pass the validated
+    ``_optimizer.LossInput`` through (as ``loss``; ``loss_sq_mean`` None)."""
+    return loss_in, None
+
+
 def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=None, partials=None,
                    coef=None, loss=None, loss_sq_mean=None, r=None, alpha_r=0.9) -> None:
     tail = cache.get("tail") if momentum else None
     if not measure and (tail is None or not tail["maybe"]):
         return
-    a, qv = (tail["a"], tail["qv"]) if tail is not None else (0.0, 0.0)
+    if momentum:
+        a, qv = (tail["a"], tail["qv"]) if tail is not None else (0.0, 0.0)
+        v_predicts = 0
+    else:
+        # KOALA-V: the predicts counted on the host since the last update, p̂ = p + q + … + q
+        a, qv = 0.0, cache.get("v_q", 0.0)
+        v_predicts = cache.pop("v_predicts", 0) if measure else 0
     const = _const(cache, device, alpha_r=alpha_r, a=a, qv=qv)
     pending = _pending(cache, device)
     dummy = filt["R"]
     blocks = blocks_for(device)
     k = len(plan.params) if measure else 0
+    loss_args = _loss_args(loss, loss_sq_mean) if measure else dict(
+        p_loss=dummy, p_loss_sq=dummy, n_loss=1, loss_stride=1, LOSS_VEC=False)
     launch(
         filter_kernel, (1,), device,
         **_filter_args(filt, momentum),
         p_r=filt["R"], p_step=filt["step"], p_skipped=filt["skipped_steps"],
-        p_loss=loss if measure else dummy,
-        p_loss_sq=loss_sq_mean if loss_sq_mean is not None else (loss if measure else dummy),
+        **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
         p_slot_chunks=table.slot_chunks if k else dummy,
         p_partials=partials if measure else dummy,
@@ -118,7 +148,9 @@ def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=N
         n_partials=table.n_chunks if k else 0,
         n_dist=tail["n_dist"] if tail is not None else 0,
         numel_total=max(tail["numel"], 1) if tail is not None else 1,
+        v_predicts=v_predicts,
         MOMENTUM=momentum, ADAPTIVE=measure and r is None, MEASURE=measure, TAIL=tail is not None,
+        V_PREDICT=v_predicts > 0,
         BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c,
     )
     if tail is not None:
@@ -126,7 +158,12 @@ def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=N
 
 
 def settle_filter(filt: dict[str, Tensor], cache: dict) -> None:
-    """Apply a pending KOALA-M predict tail now (one launch if one may be pending, else none)."""
+    """Apply deferred predict work now: a pending KOALA-M predict tail (one launch if one may be
+    pending, else none), or KOALA-V's counted predicts (``p += q`` per predict, torch ops, the
+    PyTorch path's exact sequence)."""
+    n = cache.pop("v_predicts", 0)
+    for _ in range(n):
+        _filter.predict_v(filt, cache["v_q"])
     if "tail" in cache:
         _launch_filter(filt, cache, filt["R"].device, momentum=True, measure=False)
 
@@ -187,8 +224,18 @@ def _device(filt) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------- KOALA-V
+def koala_v_predict(filt, *, q: float, cache=None) -> None:
+    """KOALA-V time update, deferred: counted on the host (no launch); the next filter kernel
+    adds q once per counted predict, ``settle_filter`` does it with torch ops if the filter is
+    read first. Under CUDA-graph capture, capture predict() and the update together (the count
+    is a kernel argument baked into the graph: each replay adds q exactly once)."""
+    cache["v_predicts"] = cache.get("v_predicts", 0) + 1
+    cache["v_q"] = float(q)
+
+
 def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_grad_step, cache=None) -> None:
-    """KOALA-V measurement update: norms, filter, update (3 launches)."""
+    """KOALA-V measurement update: norms, filter (with the counted predicts and the loss
+    moments), update (3 launches)."""
     device = _device(filt)
     blocks = blocks_for(device)
     k = len(plan.params)

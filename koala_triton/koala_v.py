@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _filter, _validation
+from . import _validation
 from ._optimizer import KoalaOptimizer
 
 
@@ -76,7 +76,9 @@ class KoalaV(KoalaOptimizer):
         return {"p": h["sigma"], "R": 1.0 if h["r"] is None else h["r"]}
 
     def _predict(self) -> None:
-        _filter.predict_v(self._filter, self._hyper["q"])
+        # PyTorch path: p += q now. Triton path: counted on the host and added by the next
+        # filter kernel (or by settle_filter when filter_state / state_dict is read first).
+        self._impl.koala_v_predict(self._filter, q=self._hyper["q"], cache=self._impl_cache)
 
     def _measure(self, loss, loss_sq_mean) -> None:
         h = self._hyper

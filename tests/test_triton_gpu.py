@@ -183,6 +183,8 @@ def test_gpu_step_does_not_synchronize(variant):
 
 
 def _kernels_per_iteration(cls, n, **extra):
+    """(all CUDA kernels, our Triton kernels) of one predict() + step(), grads in place and the
+    loss made before the profiled region (as in a training loop: those belong to the model)."""
     from torch.profiler import ProfilerActivity, profile
 
     params = [torch.randn((i % 5) + 1, device=DEVICE, requires_grad=True) for i in range(n)]
@@ -192,10 +194,11 @@ def _kernels_per_iteration(cls, n, **extra):
     for _ in range(2):
         opt.predict()
         opt.step(loss=torch.rand(8, device=DEVICE))
+    loss = torch.rand(8, device=DEVICE)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         opt.predict()
-        opt.step(loss=torch.rand(8, device=DEVICE))
+        opt.step(loss=loss)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ours = {"norms_kernel", "filter_kernel", "update_kernel", "fold_kernel", "predict_kernel"}
@@ -205,12 +208,15 @@ def _kernels_per_iteration(cls, n, **extra):
 
 @pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
 def test_gpu_launches_do_not_depend_on_tensors(variant):
+    """All device work of an iteration is our Triton kernels: V 3, M 4, M-fold 3 (KOALA-V's
+    predict is counted on the host, the loss moments are taken inside the filter kernel)."""
     cls = KoalaV if variant == "V" else KoalaM
     extra = {"fold_predict": True} if variant == "M-fold" else {}
     few = _kernels_per_iteration(cls, 20, **extra)
     many = _kernels_per_iteration(cls, 160, **extra)
     assert few == many, f"(all kernels, triton kernels) per iteration: 20 tensors {few}, 160 tensors {many}"
-    assert few[1] == {"V": 3, "M": 4, "M-fold": 3}[variant]
+    expected = {"V": 3, "M": 4, "M-fold": 3}[variant]
+    assert few == (expected, expected), f"(all kernels, triton kernels) per iteration: {few}"
 
 
 def test_gpu_int64_addressing():

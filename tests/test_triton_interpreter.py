@@ -46,6 +46,8 @@ from koala_triton.kernels import tables as _tables  # noqa: E402
 pytestmark = pytest.mark.interpreter
 
 STEPS = 15
+#: The real scratch-buffer getter (``poisoned_scratch`` wraps it with a NaN fill per use).
+_UNPOISONED_BUFFER = _triton_impl._buffer
 ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
@@ -357,11 +359,25 @@ def test_mixed_dtypes_launch_once_per_dtype_and_match():
 
 # ----------------------------------------------------------------------- launch counts
 class LaunchCounter:
-    """Counts Triton launches (through ``_triton_impl.launch``) and aten ops outside them."""
+    """Counts all device work of a scope: Triton launches and torch ops that would be kernels.
+
+    Method: ``_triton_impl.launch`` is wrapped to count each launch, and the launch itself runs
+    with every dispatch mode disabled, so the tensor work Triton's interpreter does on the host
+    is not counted. Everything else our code issues inside the scope goes through an aten
+    ``TorchDispatchMode``, which records each op; ops that never launch a device kernel on a
+    GPU (views and metadata: ``detach``, ``alias``, ``view``; ``lift_fresh``, the host-side
+    tensor of a ``torch.tensor(...)`` literal; ``empty`` allocations; profiler annotations)
+    are left out of ``torch_per_call`` (``torch_ops`` keeps the names of all of them).
+    """
+
+    #: aten ops that do not run a device kernel on a GPU.
+    NO_KERNEL = ("aten.detach.", "aten.alias.", "aten.view.", "aten.lift_fresh.", "aten.empty.",
+                 "aten.empty_strided.", "profiler.")
 
     def __init__(self):
         self.per_call: list[int] = []
-        self.aten_per_call: list[int] = []
+        self.torch_per_call: list[int] = []
+        self.torch_ops: list[list[str]] = []
 
     def counting(self):
         import contextlib
@@ -373,10 +389,10 @@ class LaunchCounter:
         class AtenCounter(TorchDispatchMode):
             def __init__(self):
                 super().__init__()
-                self.ops = 0
+                self.ops: list[str] = []
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.ops += 1
+                self.ops.append(str(func))
                 return func(*args, **(kwargs or {}))
 
         @contextlib.contextmanager
@@ -397,35 +413,49 @@ class LaunchCounter:
             finally:
                 _triton_impl.launch = original
                 counter.per_call.append(launches[0])
-                counter.aten_per_call.append(mode.ops)
+                counter.torch_ops.append(mode.ops)
+                counter.torch_per_call.append(sum(not op.startswith(self.NO_KERNEL) for op in mode.ops))
 
         return scope()
 
 
 def _steady_state_counts(cls, n, **kwargs):
+    """(Triton launches, kernel-launching torch ops) of one iteration, predict() + step().
+
+    Grads keep their storage (filled in place outside the counted scope), as in a training
+    loop with ``zero_grad(set_to_none=False)`` or a CUDA graph: otherwise the pointer tables
+    are rebuilt and uploaded (three host-to-device copies per table on a GPU)."""
     params = [torch.randn((i % 5) + 1, requires_grad=True) for i in range(n)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
     opt = cls(params, fused=True, **kwargs)
     counter = LaunchCounter()
     per_iteration = []
-    for step in range(2):  # the first iteration builds the tables; count the second
+    for step in range(3):  # the first iteration builds the tables; count a later one
         for p in params:
-            p.grad = torch.randn_like(p)
+            p.grad.copy_(torch.randn_like(p))
+        loss = torch.rand(4)
         with counter.counting():
             opt.predict()
-            opt.step(loss=torch.rand(4))
-        per_iteration.append((counter.per_call[-1], counter.aten_per_call[-1]))
-    return per_iteration[-1]
+            opt.step(loss=loss)
+        per_iteration.append((counter.per_call[-1], counter.torch_per_call[-1]))
+    return per_iteration[-1], counter.torch_ops[-1]
 
 
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_launches_per_step_do_not_depend_on_the_number_of_tensors(variant):
-    cls = KoalaV if variant == "V" else KoalaM
-    kwargs = {"fold_predict": True} if variant == "M-fold" else {}
-    few = _steady_state_counts(cls, 20, **kwargs)
-    many = _steady_state_counts(cls, 160, **kwargs)
-    assert few == many, f"(triton launches, aten ops) per iteration: 20 tensors {few}, 160 tensors {many}"
-    expected = {"V": 3, "M": 4, "M-fold": 3}[variant]
-    assert few[0] == expected
+@pytest.mark.parametrize("variant", ["V", "V-r", "M", "M-fold"])
+def test_launches_per_step_do_not_depend_on_the_number_of_tensors(variant, monkeypatch):
+    """All device work of one iteration: V 3 launches (norms, filter, update; predict is
+    counted on the host, the loss moments are taken in the filter kernel), M 4 (predict;
+    norms, filter, update), M-fold 3, and no torch op that would launch a device kernel.
+    (The test-only NaN poisoning of scratch buffers, a fill per use, is switched off here.)"""
+    monkeypatch.setattr(_triton_impl, "_buffer", _UNPOISONED_BUFFER)
+    cls = KoalaV if variant.startswith("V") else KoalaM
+    kwargs = {"fold_predict": True} if variant == "M-fold" else {"r": 0.5} if variant == "V-r" else {}
+    few, ops = _steady_state_counts(cls, 20, **kwargs)
+    many, _ = _steady_state_counts(cls, 160, **kwargs)
+    assert few == many, f"(triton launches, torch kernels) per iteration: 20 tensors {few}, 160 tensors {many}"
+    expected = {"V": 3, "V-r": 3, "M": 4, "M-fold": 3}[variant]
+    assert few == (expected, 0), f"(triton launches, torch kernels) = {few}; torch ops: {ops}"
 
 
 def test_tables_are_cached_while_storages_are_stable(monkeypatch):
@@ -581,6 +611,77 @@ def test_state_dict_round_trip_resumes_like_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)  # same kernels, same order: bitwise
     for key, value in opt.filter_state.items():
         assert torch.equal(resumed.filter_state[key], value)
+
+
+LOSS_FORMS = {
+    "fp32-vector": lambda l: dict(loss=l),
+    "fp64-vector": lambda l: dict(loss=l.double()),
+    "bf16-vector": lambda l: dict(loss=l.bfloat16()),
+    "strided-vector": lambda l: dict(loss=torch.stack([l, -l], 1)[:, 0]),
+    "one-sample": lambda l: dict(loss=l[:1]),
+    "scalar-tensors": lambda l: dict(loss=l.mean(), loss_var=(l * l).mean()),
+    "fp16-scalar-tensors": lambda l: dict(loss=l.mean().half(), loss_var=(l * l).mean().half()),
+    "floats": lambda l: dict(loss=float(l.mean()), loss_var=float((l * l).mean())),
+    "non-finite": lambda l: dict(loss=torch.cat([l[:-1], torch.tensor([float("nan")])])),
+}
+
+
+@pytest.mark.parametrize("form", list(LOSS_FORMS))
+@pytest.mark.parametrize("cls,kwargs", [(KoalaV, {}), (KoalaV, {"r": 0.3}), (KoalaM, {})], ids=["V", "V-r", "M"])
+def test_loss_forms_match_pytorch_path(cls, kwargs, form):
+    """The Triton filter kernel takes the loss moments itself (any float dtype, strided,
+    scalar or per-sample); the PyTorch path converts to float64 and uses torch's mean."""
+    params = make_params(6, torch.float32, odd_layouts=False)
+    ref_params = clone_params(params)
+    tri, ref = cls(params, fused=True, **kwargs), cls(ref_params, fused=False, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        tri.predict()
+        ref.predict()
+        for p, q in zip(params, ref_params):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g, g.clone()
+        loss = torch.rand(5, generator=gen) + 0.5
+        tri.step(**LOSS_FORMS[form](loss))
+        ref.step(**LOSS_FORMS[form](loss.clone()))
+    compare_states(ref, tri, ref_params, params, 1e-5, form, momentum=cls is KoalaM)
+    assert int(tri.filter_state["skipped_steps"]) == (3 if form == "non-finite" else 0)
+
+
+def test_koala_v_predicts_are_counted_and_shown_before_the_update(tmp_path):
+    """KOALA-V's predict launches nothing on the Triton path; the filter kernel adds q once per
+    predict (bit for bit the PyTorch path's p += q each), and filter_state / state_dict show
+    p̂ between predict() and the update."""
+    params = make_params(8, torch.float32, odd_layouts=False)
+    ref_params = clone_params(params)
+    tri, ref = KoalaV(params, fused=True, q=0.3), KoalaV(ref_params, fused=False, q=0.3)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(5):
+        repeats = {1: 2, 2: 0, 3: 3}.get(step, 1)  # predict twice, implicit predict, three times
+        expected = tri.filter_state["p"].clone()
+        for _ in range(repeats):
+            tri.predict()
+            ref.predict()
+            expected += 0.3
+        if step in (0, 3):  # read between predict and update: p̂, exactly
+            assert torch.equal(tri.filter_state["p"], expected)
+            assert torch.equal(tri.filter_state["p"], expected)  # nothing added twice
+            torch.testing.assert_close(tri.filter_state["p"], ref.filter_state["p"], rtol=1e-6, atol=0.0)
+        if step == 1:
+            torch.save(tri.state_dict(), tmp_path / "v.pt")
+        for p, q in zip(params, ref_params):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g, g.clone()
+        loss = torch.rand(4, generator=gen)
+        tri.step(loss=loss)
+        ref.step(loss=loss)
+    compare_states(ref, tri, ref_params, params, 1e-5, "V", momentum=False)
+    saved = torch.load(tmp_path / "v.pt")
+    assert saved["koala"]["predicted"] is True
+    fresh = KoalaV(clone_params(params), fused=True, q=0.3)
+    fresh.predict()  # dropped by the load: the checkpoint's p already holds its predicts
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.filter_state["p"], saved["koala"]["filter"]["p"])
 
 
 def test_fold_mode_needs_the_triton_path_and_checkpoints_stay_in_their_mode(monkeypatch):

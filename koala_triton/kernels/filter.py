@@ -16,7 +16,14 @@ same float64 expressions in the same order), from the per-chunk partial sums of 
    skipped_steps are written back.
 
 ``p_const`` is a float64 device vector of the hyper-parameters (Python floats passed as kernel
-arguments would be rounded to float32): [alpha_r, 1 − alpha_r, a, a·a, qv, 0.9, 1 − 0.9].
+arguments would be rounded to float32): [alpha_r, 1 − alpha_r, a, a·a, qv, 0.9, 1 − 0.9]; for
+KOALA-V the qv slot holds q.
+
+The loss arrives as given (``LOSS_VEC``: the per-sample vector [n_loss], stride
+``loss_stride``, any float dtype, reduced here to its float64 mean and mean of squares; else
+the 0-dim loss and loss_var), so no torch op turns it into moments before the launch. KOALA-V
+(``MOMENTUM`` false, ``V_PREDICT``) first adds q ``v_predicts`` times to p: the predicts
+counted on the host.
 """
 
 from __future__ import annotations
@@ -44,8 +51,9 @@ def filter_kernel(
     p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped,
     p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_coef,
     p_pending, p_dist, p_const,
-    n_slots, n_partials, n_dist, numel_total,
+    n_slots, n_partials, n_dist, numel_total, n_loss, loss_stride, v_predicts,
     MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
+    LOSS_VEC: tl.constexpr, V_PREDICT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused."""
@@ -60,6 +68,12 @@ def filter_kernel(
     else:
         b_pxu = zero
         b_puu = zero
+        # 0. KOALA-V's predicts counted on the host since the last update: p̂ = p + q (+ q …),
+        # one rounding per predict, as the PyTorch path's p.add_(q) per predict.
+        if V_PREDICT:  # v_predicts > 0
+            b_q = tl.load(p_const + C_QV)
+            for _ in range(0, v_predicts):
+                b_pxx = b_pxx + b_q
 
     # ---------------------------------------------------------------- 1. pending predict
     if TAIL:
@@ -86,7 +100,23 @@ def filter_kernel(
     # ---------------------------------------------------------------- 2. measurement
     if MEASURE:
         b_r = tl.load(p_r)
-        loss = tl.load(p_loss)
+        if LOSS_VEC:
+            # per-sample losses (any float dtype): mean and mean of squares in float64, a fixed
+            # order (lanes, then one reduction tree)
+            b_l1 = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
+            b_l2 = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
+            for i in range(0, n_loss, BLOCK_T * BLOCK_C):
+                o = i + o_f
+                b_l = tl.load(p_loss + o * loss_stride, mask=o < n_loss, other=0.0).to(tl.float64)
+                b_l1 += b_l
+                b_l2 += b_l * b_l
+            n_l = zero + n_loss  # (not n_loss.to: an int argument equal to 1 may arrive as a constexpr)
+            loss = tl.reduce(b_l1, 0, _SUM) / n_l
+            loss_sq = tl.reduce(b_l2, 0, _SUM) / n_l
+        else:
+            loss = tl.load(p_loss).to(tl.float64)
+            if ADAPTIVE:
+                loss_sq = tl.load(p_loss_sq).to(tl.float64)
         # Every gradient norm finite <=> the sum of all their chunk partials is (they are >= 0).
         b_tot = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
         for i in range(0, 3 * n_partials, BLOCK_T * BLOCK_C):
@@ -94,7 +124,6 @@ def filter_kernel(
             b_tot += tl.load(p_partials + o, mask=(o < 3 * n_partials) & (o % 3 != 2), other=0.0)
         finite = (tl.abs(loss) < float("inf")) & (tl.reduce(b_tot, 0, _SUM) < float("inf"))
         if ADAPTIVE:
-            loss_sq = tl.load(p_loss_sq)
             finite = finite & (tl.abs(loss_sq) < float("inf"))
         # the same condition as a block mask (Triton's interpreter mistypes scalar-bool & block)
         m_finite = (tl.full([BLOCK_T], 0.0, dtype=tl.float64) + tl.where(finite, 0.0, 1.0)) == 0
