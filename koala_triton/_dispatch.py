@@ -55,8 +55,10 @@ def kernels_implemented() -> bool:
 def implementation(use_triton: bool):
     """The module that runs the passes: ``_triton_impl`` or ``_torch_impl``.
 
-    Both expose ``koala_v_update``, ``koala_m_predict`` and ``koala_m_update`` with identical
-    signatures; triton is imported only here, on first use of the Triton path.
+    Both expose ``loss_moments``, ``koala_v_predict``, ``koala_v_update``, ``koala_m_predict``
+    and ``koala_m_update`` with identical signatures (the Triton module adds the fold-mode
+    functions and ``settle_filter``); triton is imported only here, on first use of the Triton
+    path.
     """
     if use_triton:
         from . import _triton_impl

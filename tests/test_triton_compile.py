@@ -73,16 +73,21 @@ def test_passes_compile_to_vector_memory_accesses(case, dtype):
         assert re.search(r"cvt\.rn\.bf16", code), "bf16 stores must round to nearest even"
 
 
-@pytest.mark.parametrize("flags", [
-    {"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False},
-    {"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True},
-    {"MOMENTUM": True, "ADAPTIVE": False, "MEASURE": False, "TAIL": True},
-], ids=["V", "M", "M-settle"])
-def test_filter_kernel_compiles_in_float64(flags):
-    signature = {n: "*fp64" for n in ["p_pxx", "p_pxu", "p_puu", "p_qx", "p_r", "p_loss", "p_loss_sq", "p_lr", "p_wd",
+@pytest.mark.parametrize("flags, loss_type", [
+    ({"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False, "LOSS_VEC": True, "V_PREDICT": True}, "*fp32"),
+    ({"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False, "LOSS_VEC": True, "V_PREDICT": False}, "*bf16"),
+    ({"MOMENTUM": False, "ADAPTIVE": False, "MEASURE": True, "TAIL": False, "LOSS_VEC": False, "V_PREDICT": True}, "*fp16"),
+    ({"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True, "LOSS_VEC": True, "V_PREDICT": False}, "*fp64"),
+    ({"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True, "LOSS_VEC": False, "V_PREDICT": False}, "*fp32"),
+    ({"MOMENTUM": True, "ADAPTIVE": False, "MEASURE": False, "TAIL": True, "LOSS_VEC": False, "V_PREDICT": False}, "*fp64"),
+], ids=["V-vector-predict", "V-bf16-vector", "V-fixed-r-scalar-predict", "M-vector", "M-scalar", "M-settle"])
+def test_filter_kernel_compiles_in_float64(flags, loss_type):
+    signature = {n: "*fp64" for n in ["p_pxx", "p_pxu", "p_puu", "p_qx", "p_r", "p_lr", "p_wd",
                                      "p_eps", "p_partials", "p_coef", "p_dist", "p_const"]}
+    signature.update({"p_loss": loss_type, "p_loss_sq": loss_type})
     signature.update({"p_step": "*i64", "p_skipped": "*i64", "p_slot_chunks": "*i64", "p_pending": "*i32",
-                      "n_slots": "i32", "n_partials": "i32", "n_dist": "i32", "numel_total": "i64"})
+                      "n_slots": "i32", "n_partials": "i32", "n_dist": "i32", "numel_total": "i64",
+                      "n_loss": "i32", "loss_stride": "i32", "v_predicts": "i32"})
     code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t, "BLOCK_C": CUDA_BLOCKS.block_c})
     assert re.search(r"\.f64", code), "the filter computes in float64"
     assert "sqrt.rn.f64" in code or not flags["MEASURE"] and not flags["TAIL"]
