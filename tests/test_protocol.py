@@ -323,14 +323,14 @@ def test_training_reduces_the_loss():
     for cls in (KoalaV, KoalaM):
         model = _model()
         opt = cls(model.parameters())
-        first = float(_per_sample(model, x, y).mean())
+        first = float(_per_sample(model, x, y).mean().detach())
         for _ in range(60):
             opt.predict()
             losses = _per_sample(model, x, y)
             opt.zero_grad()
             losses.mean().backward()
             opt.step(loss=losses)
-        assert float(_per_sample(model, x, y).mean()) < 0.2 * first, cls.__name__
+        assert float(_per_sample(model, x, y).mean().detach()) < 0.2 * first, cls.__name__
 
 
 @BOTH
