@@ -210,6 +210,21 @@ def compare_counters(label: str, opt, oracle) -> None:
 # the runner
 
 
+def _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device):
+    """Give the implementation and the oracle the same gradients and loss, and update both."""
+    grads = grads_for(step, flat, frozen, gen)
+    for p, g in zip(flat, grads):
+        p.grad = g
+    loss, loss_var = _loss_inputs(step, adaptive, device)
+    if step.per_sample is not None:
+        opt.step(loss=loss)
+        oracle.update_from_losses(loss, grads)
+    else:
+        opt.update(loss, loss_var)
+        oracle.update(loss, loss_var if adaptive else None, grads)
+    return grads
+
+
 def _loss_inputs(step: Step, adaptive: bool, device):
     if step.per_sample is not None:
         return torch.tensor(step.per_sample, dtype=torch.float64, device=device), None
@@ -273,16 +288,7 @@ def run_restarted(variant: str, scenario: Scenario, dtype, impl: dict, device, s
         mid = snapshot(opt, flat, variant)
         restart_oracle(oracle, mid, variant)
         ex_mid = exact_state(mid, variant)
-        grads = grads_for(step, flat, frozen, gen)
-        for p, g in zip(flat, grads):
-            p.grad = g
-        loss, loss_var = _loss_inputs(step, adaptive, device)
-        if step.per_sample is not None:
-            opt.step(loss=loss)
-            oracle.update_from_losses(loss, grads)
-        else:
-            opt.update(loss, loss_var)
-            oracle.update(loss, loss_var if adaptive else None, grads)
+        grads = _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
         trace = oracle.last_update
         tag = f"step {k} update"
         prior = dict(ex_mid)
@@ -346,16 +352,7 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
             with mpmath.workdps(DPS):
                 for i, us in enumerate(oracle.u):
                     path[i] += max((abs(v) for v in us), default=0)
-        grads = grads_for(step, flat, frozen, gen)
-        for p, g in zip(flat, grads):
-            p.grad = g
-        loss, loss_var = _loss_inputs(step, adaptive, device)
-        if step.per_sample is not None:
-            opt.step(loss=loss)
-            oracle.update_from_losses(loss, grads)
-        else:
-            opt.update(loss, loss_var)
-            oracle.update(loss, loss_var if adaptive else None, grads)
+        grads = _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
         with mpmath.workdps(DPS):
             for t in oracle.last_update.tensors:
                 if t.updated:
