@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _dispatch, _filter, _validation
-from ._plan import StepPlan
+from ._plan import StepLayout, StepPlan
 
 FLOAT = _filter.FLOAT
 
@@ -78,7 +78,9 @@ class KoalaOptimizer(Optimizer):
         self._filter = _filter.new_filter(self._device, **self._initial_filter())
         self._predicted = False
         self._warned_implicit_predict = False
-        self._device_cache: dict = {}
+        #: Host-side bookkeeping cached between steps (flat parameter list, step layouts, the
+        #: per-tensor group vectors, KOALA-M's state lists); see ``_plan``. Never checkpointed.
+        self._host_cache: dict = {}
         #: Scratch owned by the implementation (e.g. cached pointer tables); never checkpointed.
         self._impl_cache: dict = {}
 
@@ -115,7 +117,28 @@ class KoalaOptimizer(Optimizer):
         """Create per-parameter state eagerly (none for KOALA-V)."""
 
     def _all_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        """Every parameter in flat order (a cached list: do not mutate it)."""
+        return self._flat()[0]
+
+    def _flat(self) -> tuple[list[Tensor], list[int]]:
+        """(params, group index of each) in flat order, rebuilt when a group's params list
+        is replaced or changes length (``add_param_group``, or a user editing the list).
+
+        The cache holds the groups' list objects, so their ids cannot be reused while cached.
+        Rebuilding drops every cached step layout.
+        """
+        lists = [group["params"] for group in self.param_groups]
+        key = tuple([(id(ps), len(ps)) for ps in lists])
+        cached = self._host_cache.get("flat")
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        params, group_index = [], []
+        for gi, ps in enumerate(lists):
+            params.extend(ps)
+            group_index.extend([gi] * len(ps))
+        self._host_cache.clear()
+        self._host_cache["flat"] = (key, lists, (params, group_index))
+        return params, group_index
 
     # ------------------------------------------------------------------ public protocol
     @property
@@ -241,62 +264,97 @@ class KoalaOptimizer(Optimizer):
     # ------------------------------------------------------------------ plan of a step
     def _plan(self) -> StepPlan:
         """Collect the tensors with a gradient (zero-weight-decay groups first) and their
-        per-tensor group values as device vectors, uploaded only when they change."""
-        plain, decayed = [], []
-        flat = 0
-        for gi, group in enumerate(self.param_groups):
-            target = plain if group["weight_decay"] == 0 else decayed
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    if p.grad.shape != p.shape:
-                        raise RuntimeError(f"grad of shape {tuple(p.grad.shape)} for a param of shape {tuple(p.shape)}")
-                    target.append((p, p.grad, gi, flat))
-                flat += 1
-        entries = plain + decayed
-        group_of = [e[2] for e in entries]
-        lr, wd, eps = self._group_vectors(group_of)
+        per-tensor group values as device vectors.
+
+        Host cost per step is a few list passes: the layout (which tensors, in which order) is
+        cached under the pattern of present gradients and of zero weight decays per group, and
+        the device vectors under the groups' (lr, weight_decay, eps). Gradients are checked
+        (dense, the parameter's shape) when a layout is built: torch's ``.grad`` setter already
+        refuses another shape, dtype or device, so later steps with the same pattern skip it.
+        """
+        params, group_index = self._flat()
+        grads = [p.grad for p in params]
+        groups = self.param_groups
+        key = (tuple([g is not None for g in grads]), tuple([grp["weight_decay"] == 0 for grp in groups]))
+        layouts = self._host_cache.setdefault("layouts", {})
+        layout = layouts.get(key)
+        if layout is None:
+            layout = self._new_layout(params, grads, group_index)
+            if len(layouts) >= 8:  # patterns churn only with changing frozen sets: keep a few
+                layouts.clear()
+            layouts[key] = layout
+        lr, wd, eps, decay = self._group_vectors(layout)
         return StepPlan(
-            params=[e[0] for e in entries],
-            grads=[e[1] for e in entries],
-            indices=[e[3] for e in entries],
-            num_plain=len(plain),
-            decay=[self.param_groups[g]["weight_decay"] for g in group_of[len(plain):]],
+            params=layout.params,
+            grads=[grads[i] for i in layout.indices],
+            indices=layout.indices,
+            num_plain=layout.num_plain,
+            decay=decay,
             lr=lr,
             weight_decay=wd,
             eps=eps,
+            layout=layout,
         )
 
-    def _upload(self, key, values: list[float]) -> Tensor:
-        """A float64 device vector of ``values``, cached while the values are unchanged."""
-        cached = self._device_cache.get(key)
-        if cached is not None and cached[0] == values:
-            return cached[1]
+    def _new_layout(self, params: list[Tensor], grads: list[Tensor | None], group_index: list[int]) -> StepLayout:
+        plain, decayed = [], []
+        for flat, (p, g, gi) in enumerate(zip(params, grads, group_index)):
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if g.shape != p.shape:
+                raise RuntimeError(f"grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}")
+            (plain if self.param_groups[gi]["weight_decay"] == 0 else decayed).append(flat)
+        indices = plain + decayed
+        return StepLayout(
+            indices=indices,
+            params=[params[i] for i in indices],
+            group_of=[group_index[i] for i in indices],
+            num_plain=len(plain),
+        )
+
+    def _upload(self, values: list[float]) -> Tensor:
+        """A float64 device vector of ``values`` (pinned source, asynchronous copy)."""
         host = torch.tensor(values, dtype=FLOAT)
         if self._device.type == "cuda":
             host = host.pin_memory()
-        vec = host.to(self._device, non_blocking=True)
-        self._device_cache[key] = (list(values), vec)
-        return vec
+        return host.to(self._device, non_blocking=True)
 
-    def _group_vectors(self, group_of: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def _group_vectors(self, layout: StepLayout) -> tuple[Tensor, Tensor, Tensor, list[float]]:
+        """(lr, weight_decay, eps) as [k] float64 device vectors and the host weight decays of
+        the decayed tensors, uploaded again only when a group's values change."""
         groups = self.param_groups
-        wd = self._upload("weight_decay", [float(groups[g]["weight_decay"]) for g in group_of])
-        eps = self._upload("eps", [float(groups[g]["eps"]) for g in group_of])
-        lrs = [groups[g]["lr"] for g in group_of]
-        if any(isinstance(v, Tensor) for v in lrs):
-            # Tensor learning rates (e.g. for graph capture) stay on the device.
+        values = tuple([(grp["lr"], grp["weight_decay"], grp["eps"]) for grp in groups])
+        if any(isinstance(v[0], Tensor) for v in values):
+            # Tensor learning rates (e.g. for graph capture) stay on the device; they are
+            # gathered every step (a tensor is never compared on the host).
+            plain_values = tuple([v[1:] for v in values])
+            cached = layout.vectors.get("tensor_lr")
+            if cached is None or cached[0] != plain_values:
+                cached = (plain_values, *self._wd_eps_vectors(layout))
+                layout.vectors["tensor_lr"] = cached
             per_group = [
                 v.detach().to(device=self._device, dtype=FLOAT).reshape(())
                 if isinstance(v, Tensor)
                 else torch.full((), float(v), dtype=FLOAT, device=self._device)
-                for v in (groups[g]["lr"] for g in range(len(groups)))
+                for v in (grp["lr"] for grp in groups)
             ]
-            lr = torch.stack([per_group[g] for g in group_of]) if group_of else wd.new_zeros(0)
-        else:
-            lr = self._upload("lr", [float(v) for v in lrs])
-        return lr, wd, eps
+            wd, eps, decay = cached[1:]
+            lr = torch.stack([per_group[g] for g in layout.group_of]) if layout.group_of else wd.new_zeros(0)
+            return lr, wd, eps, decay
+        cached = layout.vectors.get("float_lr")
+        if cached is None or cached[0] != values:
+            lr = self._upload([float(groups[g]["lr"]) for g in layout.group_of])
+            cached = (values, lr, *self._wd_eps_vectors(layout))
+            layout.vectors["float_lr"] = cached
+        return cached[1:]
+
+    def _wd_eps_vectors(self, layout: StepLayout) -> tuple[Tensor, Tensor, list[float]]:
+        groups = self.param_groups
+        wd = [float(groups[g]["weight_decay"]) for g in layout.group_of]
+        eps = [float(groups[g]["eps"]) for g in layout.group_of]
+        return self._upload(wd), self._upload(eps), wd[layout.num_plain:]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -326,8 +384,10 @@ class KoalaOptimizer(Optimizer):
         self._hyper.update(koala["hyper"])
         self._predicted = bool(koala["predicted"])
         # Deferred work of the implementation (a pending predict tail) belonged to the replaced
-        # filter; tables and buffers are rebuilt on the next step.
+        # filter; tables and buffers are rebuilt on the next step. The state tensors were
+        # replaced too, so cached lists of them go.
         self._impl_cache.clear()
+        self._host_cache.clear()
 
     # ------------------------------------------------------------------ subclass hooks
     def _initial_filter(self) -> dict[str, float]:

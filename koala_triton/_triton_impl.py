@@ -219,8 +219,27 @@ def _avg_weight(dtype: torch.dtype) -> float:
     return _AVG_WEIGHT[dtype]
 
 
+def _numel(cache: dict, table: tables.Table, params) -> int:
+    """Total element count of ``params``, remembered per table (the table is keyed by them)."""
+    hit = cache.get("numel")
+    if hit is None or hit[0] is not table:
+        hit = (table, sum(p.numel() for p in params))
+        cache["numel"] = hit
+    return hit[1]
+
+
 def _device(filt) -> torch.device:
     return filt["R"].device
+
+
+def _measured_tables(cache, kind, plan: StepPlan, arrays, mutated, device) -> tables.Prepared:
+    """The (cached) table of a measurement pass: one row per tensor of the plan, slot = row."""
+    k = len(plan.params)
+    blocks = blocks_for(device)
+    return tables.prepare(
+        cache, kind, plan.params, arrays, mutated, keyed=("x", "g"),
+        build=lambda rows: (tables.table(rows, list(range(k)), k, blocks, device),),
+    )
 
 
 # ---------------------------------------------------------------------------------- KOALA-V
@@ -237,15 +256,14 @@ def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_
     """KOALA-V measurement update: norms, filter (with the counted predicts and the loss
     moments), update (3 launches)."""
     device = _device(filt)
-    blocks = blocks_for(device)
-    k = len(plan.params)
-    binding = tables.bind(cache, plan.params, {"x": plan.params, "g": plan.grads}, mutated=("x",))
-    table = tables.table(cache, "v", binding.arrays, list(range(k)), k, blocks, device)
-    binding.stage_in()
+    arrays = {"x": plan.params, "g": plan.grads}
+    prepared = _measured_tables(cache, "v", plan, arrays, ("x",), device)
+    table, = prepared.tables
+    prepared.stage_in(arrays)
     coef = _measure(plan, table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
                     r=r, alpha_r=alpha_r, momentum=False)
     _launch_update(table, plan.weight_decay, coef, device, momentum=False, raw_step=raw_grad_step)
-    binding.stage_back()
+    prepared.stage_back(arrays)
 
 
 # ---------------------------------------------------------------------------------- KOALA-M
@@ -253,11 +271,15 @@ def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, 
     device = _device(filt)
     blocks = blocks_for(device)
     settle_filter(filt, cache)  # a predict tail still pending (predict twice): apply it first
-    binding = tables.bind(cache, params, {"x": params, "u": velocities, "a": averages}, mutated=("x", "u"))
-    table = tables.table(cache, "m_all", binding.arrays, [-1] * len(params), 0, blocks, device)
+    arrays = {"x": params, "u": velocities, "a": averages}
+    prepared = tables.prepare(
+        cache, "m_all", params, arrays, ("x", "u"), keyed=("x",),
+        build=lambda rows: (tables.table(rows, [-1] * len(rows), 0, blocks, device),),
+    )
+    table, = prepared.tables
     dist = _buffer(cache, "dist", table.n_chunks, FLOAT, device)
     pending = _pending(cache, device)
-    binding.stage_in()
+    prepared.stage_in(arrays)
     if table.n_chunks == 0:
         pending.fill_(1)  # nothing to move; the filter still predicts with D = 0
     for group in table.groups:
@@ -271,8 +293,8 @@ def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, 
             DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SCALE_U=scale_u,
             num_warps=blocks.num_warps,
         )
-    binding.stage_back()
-    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=sum(p.numel() for p in params),
+    prepared.stage_back(arrays)
+    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=_numel(cache, table, params),
                          a=float(a), qv=float(qv), maybe=True)
 
 
@@ -284,16 +306,14 @@ def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, 
 def koala_m_update(plan: StepPlan, velocities, averages, filt, loss, loss_sq_mean, *, r, alpha_r, cache=None) -> None:
     """KOALA-M measurement update: norms, filter (with the pending predict tail), update."""
     device = _device(filt)
-    blocks = blocks_for(device)
-    k = len(plan.params)
-    binding = tables.bind(cache, plan.params, {"x": plan.params, "g": plan.grads, "u": velocities, "a": averages},
-                          mutated=("x", "u", "a"))
-    table = tables.table(cache, "m", binding.arrays, list(range(k)), k, blocks, device)
-    binding.stage_in()
+    arrays = {"x": plan.params, "g": plan.grads, "u": velocities, "a": averages}
+    prepared = _measured_tables(cache, "m", plan, arrays, ("x", "u", "a"), device)
+    table, = prepared.tables
+    prepared.stage_in(arrays)
     coef = _measure(plan, table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
                     r=r, alpha_r=alpha_r, momentum=True)
     _launch_update(table, plan.weight_decay, coef, device, momentum=True)
-    binding.stage_back()
+    prepared.stage_back(arrays)
 
 
 # ------------------------------------------------------------------ KOALA-M, fold mode (opt-in)
@@ -329,16 +349,21 @@ def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, lo
     for slot, (index, g) in enumerate(zip(plan.indices, plan.grads)):
         slot_of[index] = slot
         grads[index] = g
+    indices = plan.indices
+
+    def build(rows):
+        measured = [rows[i] for i in indices]
+        return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device),
+                tables.table(rows, slot_of, k, blocks, device))
+
     # A pending predict tail (this fold's predecessor) is applied by the filter kernel below,
     # before the fold pass overwrites its partial sums.
-    binding = tables.bind(cache, params, {"x": params, "g": grads, "u": velocities, "a": averages},
-                          mutated=("x", "u", "a"))
-    measured = [binding.arrays[i] for i in plan.indices]
-    plan_table = tables.table(cache, "m_fold_plan", [{"x": r_["x"], "g": r_["g"]} for r_ in measured],
-                              list(range(k)), k, blocks, device)
-    all_table = tables.table(cache, "m_fold_all", binding.arrays, slot_of, k, blocks, device)
+    arrays = {"x": params, "g": grads, "u": velocities, "a": averages}
+    prepared = tables.prepare(cache, "m_fold", params, arrays, ("x", "u", "a"), keyed=("x", "g"), build=build,
+                              extra_key=tuple(slot_of))
+    plan_table, all_table = prepared.tables
     pending = _pending(cache, device)
-    binding.stage_in()
+    prepared.stage_in(arrays)
     coef = _measure(plan, plan_table, filt, cache, device, loss=loss, loss_sq_mean=loss_sq_mean,
                     r=r, alpha_r=alpha_r, momentum=True)
     # Only now (the filter kernel has consumed the previous fold's partial sums) may the
@@ -348,6 +373,6 @@ def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, lo
         pending.fill_(1)
     _launch_update(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                  u_scale=velocity_scale, dist=dist, pending=pending)
-    binding.stage_back()
-    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=sum(p.numel() for p in params),
+    prepared.stage_back(arrays)
+    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=_numel(cache, all_table, params),
                          a=float(a), qv=float(qv), maybe=True)

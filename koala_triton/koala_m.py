@@ -109,10 +109,21 @@ class KoalaM(KoalaOptimizer):
             "R": 1.0 if h["r"] is None else h["r"],
         }
 
+    def _state_lists(self, params: list[torch.Tensor], store: dict) -> tuple[list, list]:
+        """(velocities, averages) of ``params``, cached in ``store`` (a step layout's or the
+        optimizer's host cache, both dropped whenever the state tensors are replaced)."""
+        lists = store.get("state")
+        if lists is None:
+            lists = ([self.state[p]["velocity"] for p in params], [self.state[p]["xavg"] for p in params])
+            store["state"] = lists
+        return lists
+
+    def _all_state_lists(self) -> tuple[list, list, list]:
+        params = self._all_params()  # first: a rebuilt flat list clears the host cache
+        return (params, *self._state_lists(params, self._host_cache.setdefault("all", {})))
+
     def _predict(self) -> None:
-        params = self._all_params()
-        velocities = [self.state[p]["velocity"] for p in params]
-        averages = [self.state[p]["xavg"] for p in params]
+        params, velocities, averages = self._all_state_lists()
         h = self._hyper
         if self._fold:
             if self._fold_pending:  # the last update did it
@@ -146,22 +157,19 @@ class KoalaM(KoalaOptimizer):
         plan = self._plan()
         h = self._hyper
         if self._fold:
-            params = self._all_params()
+            params, velocities, averages = self._all_state_lists()
             self._impl.koala_m_update_folded(
-                plan, params,
-                [self.state[p]["velocity"] for p in params],
-                [self.state[p]["xavg"] for p in params],
-                self._filter, loss, loss_sq_mean, r=h["r"], alpha_r=h["alpha_r"], a=h["a"], qv=h["qv"],
+                plan, params, velocities, averages, self._filter, loss, loss_sq_mean,
+                r=h["r"], alpha_r=h["alpha_r"], a=h["a"], qv=h["qv"],
                 velocity_scale=h["a"] ** self._fold_predicts, cache=self._impl_cache,
             )
             self._fold_pending = True
             self._fold_predicts = 1
             return
+        velocities, averages = self._state_lists(plan.params, plan.layout.lists)
         self._impl.koala_m_update(
-            plan,
-            [self.state[p]["velocity"] for p in plan.params],
-            [self.state[p]["xavg"] for p in plan.params],
-            self._filter, loss, loss_sq_mean, r=h["r"], alpha_r=h["alpha_r"], cache=self._impl_cache,
+            plan, velocities, averages, self._filter, loss, loss_sq_mean,
+            r=h["r"], alpha_r=h["alpha_r"], cache=self._impl_cache,
         )
 
     # ------------------------------------------------------------------ fold mode

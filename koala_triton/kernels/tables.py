@@ -31,7 +31,8 @@ COL_X, COL_G, COL_U, COL_A, COL_NUMEL, COL_SLOT = 0, 1, 2, 3, 4, 5
 NCOL = 8  # padded: a row is 64 bytes
 
 ROLES = ("x", "g", "u", "a")
-_MAX_TABLES = 8  # per table kind; grads reallocated by zero_grad(set_to_none=True) churn keys
+_NONE_TYPE = type(None)
+_MAX_TABLES = 8  # per pass kind; grads reallocated by zero_grad(set_to_none=True) may churn keys
 
 
 @dataclass
@@ -75,53 +76,111 @@ def _aligned(t: Tensor) -> bool:
 
 
 @dataclass
-class Binding:
-    """The storages a pass works on, and the copies that stage odd-layout tensors."""
+class Prepared:
+    """The tables of one pass (or of two passes over the same rows) and the staging copies of
+    its odd-layout tensors; cached per step signature (``prepare``).
 
-    arrays: list[dict[str, Tensor]]
-    copy_in: list[tuple[Tensor, Tensor]]
-    copy_back: list[tuple[Tensor, Tensor]]
+    Holds no reference to the caller's tensors (a cached gradient would keep its storage
+    alive, and the next step's gradient would land at another address): staging copies are
+    rebuilt each step from the arrays passed in.
 
-    def stage_in(self) -> None:
-        for dst, src in self.copy_in:
-            dst.copy_(src)
+    Attributes:
+        tables: what ``build`` returned.
+        staged: (buffer, role, row, copied back) per staged array.
+    """
 
-    def stage_back(self) -> None:
-        for dst, src in self.copy_back:
-            dst.copy_(src)
+    tables: tuple
+    staged: list[tuple[Tensor, str, int, bool]]
+
+    def stage_in(self, arrays: dict[str, list[Tensor | None]]) -> None:
+        for buf, role, row, _ in self.staged:
+            buf.copy_(arrays[role][row])
+
+    def stage_back(self, arrays: dict[str, list[Tensor | None]]) -> None:
+        for buf, role, row, back in self.staged:
+            if back:
+                arrays[role][row].copy_(buf)
 
 
-def bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | None]], mutated: tuple[str, ...]) -> Binding:
-    """Pick, per tensor, its own storages (dense, same strides, 16-byte aligned) or staging buffers.
+def signature(arrays: dict[str, list[Tensor | None]], roles: tuple[str, ...]) -> tuple:
+    """A cheap per-step key of the storages ``roles`` of ``arrays`` point to.
 
-    Args:
-        owners: [n] the parameters (stable objects: staging buffers are cached per owner).
-        arrays: role -> [n] tensors of the owner's shape (None: the role is absent for that row).
-        mutated: roles the passes write; their staging buffers are copied back.
+    Every address, every element count of the first role (the parameters), and the strides and
+    shapes of all tensors of a role in which any is not contiguous: what decides the rows, the
+    chunks and whether a tensor is used in place. (Shapes of contiguous tensors need not be
+    keyed: a contiguous gradient has its parameter's element count, which torch's ``.grad``
+    setter enforces, and the kernels see only addresses and counts.)
+    """
+    parts = [tuple(map(Tensor.numel, arrays[roles[0]]))]
+    for role in roles:
+        ts = arrays[role]
+        if _NONE_TYPE in map(type, ts):  # rows without this role (fold mode's gradients)
+            parts.append(tuple([0 if t is None else t.data_ptr() for t in ts]))
+            contiguous = all([t is None or t.is_contiguous() for t in ts])
+        else:  # map over a method descriptor: the loop runs in C
+            parts.append(tuple(map(Tensor.data_ptr, ts)))
+            contiguous = all(map(Tensor.is_contiguous, ts))
+        if not contiguous:
+            parts.append(tuple([None if t is None else (t.stride(), t.shape) for t in ts]))
+    return tuple(parts)
+
+
+def _bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
+          mutated: tuple[str, ...]) -> tuple[list[dict[str, Tensor]], list[tuple[Tensor, str, int, bool]]]:
+    """Pick, per tensor, its own storages (dense, same strides, 16-byte aligned) or staging
+    buffers (cached per owner in ``cache["stage"]``).
+
+    Returns:
+        rows: [n] dicts role -> the tensor a pass addresses (the caller's or a buffer).
+        staged: (buffer, role, row, copied back) for each staged array.
     """
     stage = cache.setdefault("stage", {})
-    out, copy_in, copy_back = [], [], []
-    n = len(owners)
-    for i in range(n):
+    rows, staged = [], []
+    for i in range(len(owners)):
         row = {role: arrays[role][i] for role in arrays if arrays[role][i] is not None}
         first = next(iter(row.values()))
         layout = _layout(first)
         if all(_dense(t) and _layout(t) == layout and _aligned(t) for t in row.values()):
-            out.append(row)
+            rows.append(row)
             continue
-        staged = {}
+        bufs = {}
         for role, t in row.items():
             key = (id(owners[i]), role)
             buf = stage.get(key)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
                 buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                 stage[key] = buf
-            copy_in.append((buf, t))
-            if role in mutated:
-                copy_back.append((t, buf))
-            staged[role] = buf
-        out.append(staged)
-    return Binding(out, copy_in, copy_back)
+            staged.append((buf, role, i, role in mutated))
+            bufs[role] = buf
+        rows.append(bufs)
+    return rows, staged
+
+
+def prepare(cache: dict, kind: str, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
+            mutated: tuple[str, ...], keyed: tuple[str, ...], build, extra_key=()) -> Prepared:
+    """The cached tables of a pass over ``arrays`` (role -> [n] tensors, None: absent).
+
+    Args:
+        owners: [n] the parameters (stable objects: staging buffers are cached per owner).
+        mutated: roles the pass writes (their staging buffers are copied back).
+        keyed: roles whose storages may change between steps (the parameters first, then the
+            gradients); the others (KOALA-M's state) are the optimizer's own tensors, replaced
+            only by ``load_state_dict``, which clears ``cache``.
+        build: rows -> tuple of Tables, run only when the signature is new.
+        extra_key: anything else the tables depend on (e.g. the slots).
+    """
+    key = (extra_key, signature(arrays, keyed))
+    entries: OrderedDict = cache.setdefault(("prepared", kind), OrderedDict())
+    hit = entries.get(key)
+    if hit is not None:
+        entries.move_to_end(key)
+        return hit
+    rows, staged = _bind(cache, owners, arrays, mutated)
+    result = Prepared(tables=tuple(build(rows)), staged=staged)
+    entries[key] = result
+    while len(entries) > _MAX_TABLES:
+        entries.popitem(last=False)
+    return result
 
 
 def _upload(values: list[int], device: torch.device, keep: list) -> Tensor:
@@ -134,33 +193,18 @@ def _upload(values: list[int], device: torch.device, keep: list) -> Tensor:
 
 
 def table(
-    cache: dict,
-    kind: str,
     arrays: list[dict[str, Tensor]],
     slots: list[int],
     num_slots: int,
     blocks: Blocks,
     device: torch.device,
 ) -> Table:
-    """The (cached) table of ``arrays`` (one dict of role -> tensor per row).
+    """Build the table of ``arrays`` (one dict of role -> tensor per row) and upload it.
 
     Args:
-        kind: separates caches of different passes (their keys never collide anyway).
         slots: [n] slot of each row, or -1.
         num_slots: k; ``slot_chunks`` gets k rows (slots without a row get 0 chunks).
     """
-    key_rows = []
-    for row, slot in zip(arrays, slots):
-        first = next(iter(row.values()))
-        key_rows.append((first.dtype, first.numel(), slot) + tuple(
-            row[r].data_ptr() if r in row else 0 for r in ROLES))
-    key = (num_slots, tuple(key_rows))
-    tables: OrderedDict = cache.setdefault(("tables", kind), OrderedDict())
-    hit = tables.get(key)
-    if hit is not None:
-        tables.move_to_end(key)
-        return hit
-
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, row in enumerate(arrays):
         by_dtype.setdefault(next(iter(row.values())).dtype, []).append(i)
@@ -193,8 +237,4 @@ def table(
         ))
         base += n_chunks
     slot_tensor = _upload([v for s in slot_chunks for v in s] or [0, 0], device, keep) if num_slots else None
-    result = Table(groups=groups, n_chunks=base, slot_chunks=slot_tensor, keep=keep)
-    tables[key] = result
-    while len(tables) > _MAX_TABLES:
-        tables.popitem(last=False)
-    return result
+    return Table(groups=groups, n_chunks=base, slot_chunks=slot_tensor, keep=keep)

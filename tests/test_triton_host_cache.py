@@ -1,0 +1,135 @@
+"""The Triton path's cached tables (``kernels/tables.prepare``) through storage events, under
+Triton's interpreter: the CPU twin of a training loop whose gradients are reallocated each
+step and whose parameters are occasionally moved or restrided.
+
+Compared with the PyTorch path at ``test_triton_interpreter``'s 1e-5 (its error model: the
+same fp32 expressions, norms accumulated in another order), and by counting table builds (a
+cache that never hits would pass the comparison). The PyTorch-path twin of these tests, for the
+optimizer's own caches, is ``test_host_cache.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from koala_triton import KoalaM, KoalaV  # noqa: E402
+from koala_triton.kernels import tables as _tables  # noqa: E402
+from tests.test_host_cache import _assert_close, _groups  # noqa: E402
+from tests.test_triton_interpreter import clone_params, round_bf16_like_the_gpu  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    round_bf16_like_the_gpu(monkeypatch)
+
+
+def _fp32_params(gen):
+    shapes = [(5, 3), (3,), (), (4, 4), (131,), (7, 2), (6, 6), (257,)]
+    return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+
+
+def _storage_event(step, params, grads):
+    """Between steps, move or restride storages the tables point to (applied to both copies).
+
+    ``grads`` are this step's gradient values; returns them as they should be assigned."""
+    if step == 3:  # a parameter gets a new storage (as model.to() or p.data = ... do)
+        params[1].data = params[1].data.clone()
+    if step == 5:  # a square gradient at the same address with other strides: must be staged
+        grads[3] = grads[3].t()
+    if step == 7:  # a parameter becomes non-dense (strided view of a larger buffer): staged
+        p = params[7]
+        big = torch.zeros(2 * p.numel())
+        big[::2] = p.detach()
+        p.data = big[::2]
+    if step == 9:  # ... and dense again
+        params[7].data = params[7].data.clone()
+    return grads
+
+
+@pytest.mark.parametrize("cls, fold", [(KoalaV, False), (KoalaM, False), (KoalaM, True)], ids=["V", "M", "M-fold"])
+def test_triton_path_matches_pytorch_path_while_storages_move(interpreter, cls, fold):
+    gen = torch.Generator().manual_seed(5)
+    ref_params = _fp32_params(gen)
+    tri_params = clone_params(ref_params)
+    ref = cls(_groups(ref_params), fused=False)
+    tri = cls(_groups(tri_params), fused=True, **({"fold_predict": True} if fold else {}))
+    for step in range(12):
+        ref.predict()
+        tri.predict()
+        values = [None if (i + step) % 6 == 0 else torch.randn(p.shape, generator=gen) for i, p in enumerate(ref_params)]
+        ref_grads = _storage_event(step, ref_params, [None if v is None else v.clone() for v in values])
+        tri_grads = _storage_event(step, tri_params, [None if v is None else v.clone() for v in values])
+        tri.zero_grad(set_to_none=True)
+        for rp, tp, rg, tg in zip(ref_params, tri_params, ref_grads, tri_grads):
+            rp.grad, tp.grad = rg, tg
+        if step == 5:
+            assert tri_params[3].grad.stride() == (1, 4)
+        losses = torch.rand(8, generator=gen)
+        ref.step(loss=losses)
+        tri.step(loss=losses)
+        if step == 8:
+            tri.load_state_dict(copy.deepcopy(tri.state_dict()))  # new state tensors
+        context = tri.posterior_weights() if fold else _null()
+        with context:
+            for i, (a, b) in enumerate(zip(ref_params, tri_params)):
+                _assert_close(b, a, f"step {step} param {i}", rtol=1e-5)
+        if cls is KoalaM:
+            for i, (a, b) in enumerate(zip(ref_params, tri_params)):
+                _assert_close(tri.state[b]["velocity"], ref.state[a]["velocity"], f"step {step} velocity {i}",
+                              rtol=1e-5)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("cls, fold", [(KoalaV, False), (KoalaM, False), (KoalaM, True)], ids=["V", "M", "M-fold"])
+def test_steady_steps_build_no_tables(interpreter, monkeypatch, cls, fold):
+    """With gradient storages that stay put, tables are built in the first iteration only, and
+    again (once) after a parameter moves."""
+    builds = []
+    original = _tables.table
+    monkeypatch.setattr(_tables, "table", lambda *a, **k: builds.append(1) or original(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    params = _fp32_params(gen)
+    opt = cls(params, fused=True, **({"fold_predict": True} if fold else {}))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    counts = []
+    for step in range(6):
+        if step == 4:
+            params[2].data = params[2].data.clone()
+        for p in params:
+            p.grad.copy_(torch.randn(p.shape, generator=gen))
+        opt.predict()
+        opt.step(loss=torch.rand(4, generator=gen))
+        counts.append(len(builds))
+        builds.clear()
+    first = counts[0]
+    assert first >= 1
+    assert counts[1:4] == [0, 0, 0], f"tables built per iteration: {counts}"
+    # fold mode's own predict launches nothing, so only its update tables are rebuilt
+    assert counts[4] >= 1 and counts[5] == 0, f"tables built per iteration: {counts}"
+
+
+def test_signature_tells_apart_what_the_tables_depend_on():
+    """Same address, other strides or element count: another signature (else stale tables)."""
+    x = torch.zeros(4, 4)
+    g = torch.zeros(4, 4)
+    base = _tables.signature({"x": [x], "g": [g]}, ("x", "g"))
+    assert _tables.signature({"x": [x], "g": [g]}, ("x", "g")) == base
+    assert _tables.signature({"x": [x], "g": [g.t()]}, ("x", "g")) != base  # same data_ptr
+    assert _tables.signature({"x": [x.view(-1)[:8]], "g": [g]}, ("x", "g")) != base  # same data_ptr
+    assert _tables.signature({"x": [x], "g": [g.clone()]}, ("x", "g")) != base
+    assert _tables.signature({"x": [x], "g": [None]}, ("x", "g")) != base
