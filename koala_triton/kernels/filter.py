@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import triton.language as tl
 
+from .constants import constant
+
 # Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
 # (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
 # inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
@@ -38,13 +40,13 @@ _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
-C_ALPHA = tl.constexpr(0)
-C_ONE_MINUS_ALPHA = tl.constexpr(1)
-C_A = tl.constexpr(2)
-C_A2 = tl.constexpr(3)
-C_QV = tl.constexpr(4)
-C_BETA = tl.constexpr(5)
-C_ONE_MINUS_BETA = tl.constexpr(6)
+C_ALPHA = constant(0)
+C_ONE_MINUS_ALPHA = constant(1)
+C_A = constant(2)
+C_A2 = constant(3)
+C_QV = constant(4)
+C_BETA = constant(5)
+C_ONE_MINUS_BETA = constant(6)
 
 
 def filter_kernel(

@@ -19,6 +19,8 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from . import direct
+
 
 @dataclass(frozen=True)
 class Blocks:
@@ -71,13 +73,23 @@ def kernel(fn, device: torch.device):
     return k
 
 
+_CUDA = torch.device("cuda")
+
+
 def launch(fn, grid: tuple[int, ...], device: torch.device, **kwargs) -> None:
     """Launch ``fn`` on ``grid`` programs (keyword arguments only) and count it."""
     LAUNCHES["count"] += 1
     if device.type == "cuda":
         with torch.cuda.device(device):
-            # No fused multiply-add contraction: every product is rounded as written, like the
-            # PyTorch path's separate ops (and independent of triton's changing default).
-            kernel(fn, device)[grid](enable_fp_fusion=False, **kwargs)
+            launch_compiled(fn, grid, **kwargs)
     else:
         kernel(fn, device)[grid](**kwargs)
+
+
+def launch_compiled(fn, grid: tuple[int, ...], **kwargs) -> None:
+    """The compiled kernel's launch on the current CUDA device: through ``JITFunction.run`` the
+    first time its argument key is seen, directly afterwards (``direct.py``).
+    ``tests/dry_launch.py`` runs this same call without a GPU."""
+    # No fused multiply-add contraction: every product is rounded as written, like the
+    # PyTorch path's separate ops (and independent of triton's changing default).
+    direct.launch(fn, kernel(fn, _CUDA), grid, dict(kwargs, enable_fp_fusion=False))

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import triton.language as tl
 
+from .constants import constant
+
 # Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
 # (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
 # inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
@@ -45,16 +47,16 @@ _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 
 #: Address alignment the host guarantees (bytes); see ``tables.bind``.
-ALIGN = tl.constexpr(16)
+ALIGN = constant(16)
 
 # Row columns (tables.py).
-COL_X = tl.constexpr(0)
-COL_G = tl.constexpr(1)
-COL_U = tl.constexpr(2)
-COL_A = tl.constexpr(3)
-COL_NUMEL = tl.constexpr(4)
-COL_SLOT = tl.constexpr(5)
-NCOL = tl.constexpr(8)
+COL_X = constant(0)
+COL_G = constant(1)
+COL_U = constant(2)
+COL_A = constant(3)
+COL_NUMEL = constant(4)
+COL_SLOT = constant(5)
+NCOL = constant(8)
 
 
 def norms_kernel(

@@ -1,0 +1,24 @@
+"""Compile-time integers that kernels read as globals.
+
+Triton checks, at every launch, that each global a kernel read when it was compiled still has
+its value (``JITFunction.run``: ``globals_dict[name] != saved_copy``). For a ``tl.constexpr``
+that comparison builds new constexpr objects (about 3 µs each on a 2-core VM; a kernel here
+reads up to 9 globals, so it was a third of Triton's dispatch time). ``constant`` compares as
+plain integers. Inside kernels it behaves as any ``tl.constexpr`` (these constants only enter
+arithmetic and hints there; none is compared).
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+
+class constant(tl.constexpr):  # noqa: N801 (reads like tl.constexpr at the definitions)
+    def __eq__(self, other):
+        return type(other) is type(self) and other.value == self.value
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return hash(self.value)

@@ -1,0 +1,146 @@
+"""The CUDA launch path, without a GPU: real optimizer steps on CPU tensors launch through
+``JITFunction.run`` and the direct launches of ``kernels/direct.py`` into a stand-in driver for an
+sm_90 device (``tests/dry_launch.py``). Kernels are compiled to cubins with ptxas; nothing
+executes, so these tests check what reaches the launcher, not what the kernels compute (the
+interpreter tests do that).
+
+The GPU twin is ``tests/test_triton_gpu.py``, which runs the same steps on a real device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from koala_triton import KoalaM, KoalaV  # noqa: E402
+from koala_triton.kernels import direct  # noqa: E402
+from tests import dry_launch  # noqa: E402
+
+_reason = dry_launch.unavailable_reason()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+VARIANTS = {
+    "V": (KoalaV, {}, 3),
+    "V-fixed-r": (KoalaV, {"r": 0.5}, 3),
+    "M": (KoalaM, {}, 4),
+    "M-fold": (KoalaM, {"fold_predict": True}, 3),
+}
+
+
+@pytest.fixture
+def dry(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # only so that fused=True accepts CPU tensors
+    with dry_launch.dry_cuda(monkeypatch) as recorder:
+        yield recorder
+
+
+def _params(dtype, n=12):
+    """Sizes below, at and above one CUDA chunk (16,384), a 0-dim and an empty tensor, two groups."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(), (0,), (3,), (64, 3, 3), (16384,), (16385,), (40000,), (7, 5)] + [(33,)] * (n - 8)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    return [{"params": params[:5]}, {"params": params[5:], "weight_decay": 0.01}], params
+
+
+def _iterate(opt, params, gen, loss_form):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    opt.predict()
+    if loss_form == "per-sample":
+        opt.step(loss=torch.rand(16, generator=gen))
+    elif loss_form == "bf16-per-sample":
+        opt.step(loss=torch.rand(16, generator=gen).to(torch.bfloat16))
+    elif loss_form == "misaligned-per-sample":  # a view 4 bytes into its storage
+        opt.step(loss=torch.rand(17, generator=gen)[1:])
+    elif loss_form == "fp64-per-sample":
+        opt.step(loss=torch.rand(16, generator=gen, dtype=torch.float64))
+    else:
+        loss = torch.rand(16, generator=gen, dtype=torch.float64)
+        opt.step(loss=loss.mean(), loss_var=(loss * loss).mean())
+
+
+@pytest.mark.parametrize("loss_form", ["per-sample", "bf16-per-sample", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_steps_compile_for_sm90_once_and_launch_a_fixed_number_of_kernels(dry, variant, dtype, loss_form):
+    """Every launch binds and compiles for sm_90 with the arguments the optimizer really passes;
+    the first iteration compiles each kernel variant it needs and later ones compile nothing;
+    launches per iteration are the design's (NOTES.md); no kernel spills to local memory."""
+    cls, kwargs, expected = VARIANTS[variant]
+    groups, params = _params(dtype)
+    opt = cls(groups, fused=True, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    compiled, per_iteration = [], []
+    for _ in range(4):
+        before = len(dry.launches)
+        _iterate(opt, params, gen, loss_form)
+        per_iteration.append(len(dry.launches) - before)
+        compiled.append(sum(len(v) for v in dry.loaded.values()))
+    # fold mode's first predict is a separate pass (later ones are folded into the update)
+    first = expected + 1 if variant == "M-fold" else expected
+    assert per_iteration == [first] + [expected] * 3, per_iteration
+    assert compiled[0] >= 3 and compiled[1:] == [compiled[1]] * 3, f"kernels compiled after each iteration: {compiled}"
+    assert compiled[1] - compiled[0] <= 1 if variant == "M-fold" else compiled[1] == compiled[0]
+    for name, cubins in dry.loaded.items():
+        for cubin in cubins:
+            usage = dry_launch.resource_usage(cubin)
+            if not usage:
+                pytest.skip("cuobjdump is not available to read the cubins")
+            assert usage.get("local", 0) == 0, f"{name} spills: {usage}"
+            if name != "filter_kernel":  # the one-program float64 filter may call subroutines
+                assert usage.get("stack", 0) == 0, f"{name} uses a stack frame: {usage}"
+                assert usage["registers"] <= 128, f"{name}: {usage}"  # >= 4 warps' occupancy
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_direct_launches_pass_exactly_what_triton_dispatch_passes(dry, monkeypatch, variant):
+    """Each launch is made twice: through ``JITFunction.run`` (direct launches off) and then
+    directly; both must reach the launcher with the same compiled variant, grid and arguments.
+    After the first iteration every launch is a direct one."""
+    pairs = []
+    real = direct.launch
+
+    def both(fn, jit, grid, kwargs):
+        monkeypatch.setattr(direct, "ENABLED", False)
+        real(fn, jit, grid, kwargs)
+        monkeypatch.setattr(direct, "ENABLED", True)
+        before = dict(direct.STATS)
+        real(fn, jit, grid, kwargs)
+        pairs.append((dry.launches[-2], dry.launches[-1], direct.STATS["direct"] - before["direct"]))
+
+    monkeypatch.setattr(direct, "launch", both)
+    cls, kwargs, expected = VARIANTS[variant]
+    groups, params = _params(torch.float32)
+    opt = cls(groups, fused=True, **kwargs)
+    gen = torch.Generator().manual_seed(2)
+    # loss forms that differ from a neighbour in one thing only: the loss's dtype (fp32 / bf16
+    # vector), its address alignment (fp32 vector / the same 4 bytes in), its shape alone
+    # (fp64 scalar / fp64 vector)
+    forms = ["misaligned-per-sample", "per-sample", "bf16-per-sample", "scalar", "fp64-per-sample"]
+    for step in range(2 * len(forms)):
+        start = len(pairs)
+        _iterate(opt, params, gen, forms[step % len(forms)])
+        if step >= len(forms):  # every form seen once: every launch is direct
+            assert [d for _, _, d in pairs[start:]] == [1] * (len(pairs) - start)
+    assert len(pairs) >= 2 * len(forms) * expected
+    for dispatched, direct_launch, _ in pairs:
+        assert direct_launch.kernel == dispatched.kernel and direct_launch.compiled == dispatched.compiled
+        assert direct_launch.grid == dispatched.grid
+        assert len(direct_launch.args) == len(dispatched.args)
+        for a, b in zip(dispatched.args, direct_launch.args):
+            assert a is b or (type(a) is type(b) and a == b), (dispatched.kernel, a, b)
+
+
+def test_direct_launches_can_be_turned_off(dry, monkeypatch):
+    monkeypatch.setattr(direct, "ENABLED", False)
+    groups, params = _params(torch.float32)
+    opt = KoalaM(groups, fused=True)
+    before = dict(direct.STATS)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        _iterate(opt, params, gen, "per-sample")
+    assert direct.STATS["direct"] == before["direct"]
+    assert direct.STATS["dispatched"] - before["dispatched"] == 12
