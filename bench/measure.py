@@ -142,3 +142,31 @@ def count_host_syncs(fn: Callable[[], None], device: torch.device) -> int | None
             torch.cuda.set_sync_debug_mode("default")
     synchronize(device)
     return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
+def paired_ratio(iterate, iterations, reference, device, rounds) -> tuple[float, float]:
+    """Median and IQR of (this step / reference step) over rounds that alternate the two
+    (ABBA order) on the same parameters, so load that comes and goes hits both alike."""
+    ref_one = time_median(reference, device, reps=1)
+    ref_iterations = max(1, round(iterations * time_median(iterate, device, reps=1)
+                                  / max(ref_one, 1e-9)))
+
+    def timed(fn, n):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        synchronize(device)
+        return (time.perf_counter() - t0) / n
+
+    ratios = []
+    for k in range(rounds):
+        if k % 2:
+            ref = timed(reference, ref_iterations)
+            mine = timed(iterate, iterations)
+        else:
+            mine = timed(iterate, iterations)
+            ref = timed(reference, ref_iterations)
+        ratios.append(mine / ref)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[2] - q[0]

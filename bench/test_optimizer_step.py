@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -61,35 +59,6 @@ def _rotating(steppers: list[Stepper]):
         state["i"] = (state["i"] + 1) % len(steppers)
 
     return iterate
-
-
-@pytest.mark.koala_bench
-def _paired_ratio(iterate, iterations, reference, device, rounds) -> tuple[float, float]:
-    """Median and IQR of (this step / reference step) over rounds that alternate the two
-    (ABBA order) on the same parameters, so load that comes and goes hits both alike."""
-    ref_one = measure.time_median(reference, device, reps=1)
-    ref_iterations = max(1, round(iterations * measure.time_median(iterate, device, reps=1)
-                                  / max(ref_one, 1e-9)))
-
-    def timed(fn, n):
-        measure.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        measure.synchronize(device)
-        return (time.perf_counter() - t0) / n
-
-    ratios = []
-    for k in range(rounds):
-        if k % 2:
-            ref = timed(reference, ref_iterations)
-            mine = timed(iterate, iterations)
-        else:
-            mine = timed(iterate, iterations)
-            ref = timed(reference, ref_iterations)
-        ratios.append(mine / ref)
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), q[2] - q[0]
 
 
 @pytest.mark.koala_bench
@@ -142,7 +111,7 @@ def test_optimizer_step(benchmark, case, device, mode, copy_gbps, within_budget,
     if paired_with and paired_with != provider_name and benchmark.enabled:
         reference = PROVIDERS[paired_with].build(params)
         reference.iterate()
-        paired = _paired_ratio(first.iterate, max(1, iterations // n_rot), reference.iterate,
+        paired = measure.paired_ratio(first.iterate, max(1, iterations // n_rot), reference.iterate,
                                device, rounds)
         del reference
 

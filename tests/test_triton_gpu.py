@@ -22,7 +22,6 @@ import torch
 pytest.importorskip("triton")
 
 from koala_triton import KoalaM, KoalaV  # noqa: E402
-from koala_triton import _triton_impl  # noqa: E402
 from tests.test_triton_interpreter import (  # noqa: E402
     ULP,
     _magnitude,

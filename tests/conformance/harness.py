@@ -288,7 +288,7 @@ def run_restarted(variant: str, scenario: Scenario, dtype, impl: dict, device, s
         mid = snapshot(opt, flat, variant)
         restart_oracle(oracle, mid, variant)
         ex_mid = exact_state(mid, variant)
-        grads = _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
+        _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
         trace = oracle.last_update
         tag = f"step {k} update"
         prior = dict(ex_mid)
@@ -352,7 +352,7 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
             with mpmath.workdps(DPS):
                 for i, us in enumerate(oracle.u):
                     path[i] += max((abs(v) for v in us), default=0)
-        grads = _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
+        _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
         with mpmath.workdps(DPS):
             for t in oracle.last_update.tensors:
                 if t.updated:

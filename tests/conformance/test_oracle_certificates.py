@@ -13,7 +13,7 @@ import sympy as sp
 from oracle import DPS, KoalaMOracle, KoalaVOracle, exact
 from oracle import certificates
 from oracle.checks import no_float_constants
-from oracle.derive import derive_m, derive_v, scalar_symbols
+from oracle.derive import derive_m, derive_v
 
 pytestmark = pytest.mark.conformance
 
@@ -40,7 +40,7 @@ def test_python_m_oracle_prints_the_forms_and_every_certificate_and_exits_zero()
 
 
 def test_a_wrong_step_coefficient_fails_the_exact_ekf_certificate(monkeypatch):
-    d, s = derive_v(), scalar_symbols()
+    d = derive_v()
     monkeypatch.setitem(d.step, "x", d.step["x"] * (1 + sp.Rational(1, 10**6)))
     state, _, _ = certificates.full_ekf_against_closed_forms("V")
     assert not state.holds
