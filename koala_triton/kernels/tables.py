@@ -10,7 +10,8 @@ constant), one launch per dtype present; chunks are numbered globally across the
 that per-chunk partial sums of all groups land in one buffer.
 
 Tables are int64 device tensors built once and cached while the storages they point to are
-unchanged (the cache key is every address and size). Parameters whose arrays are not all
+unchanged (``prepare``: the key is a cheap per-step ``signature`` of addresses, element counts
+and non-contiguous strides). Parameters whose arrays are not all
 dense with identical strides are *staged*: a contiguous buffer per array, cached per tensor,
 is copied in before the passes and copied back after (extra copy launches for those tensors
 only; channels-last and transposed parameters are dense and need none).
