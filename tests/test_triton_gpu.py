@@ -9,6 +9,7 @@ Each test has a CPU twin that runs in CI under Triton's interpreter
 | test_gpu_graph_capture_replays_to_eager       | test_tables_are_cached_while_storages_are_stable         |
 | test_gpu_step_does_not_synchronize            | test_no_host_reads_inside_predict_and_step               |
 | test_gpu_launches_do_not_depend_on_tensors    | test_launches_per_step_do_not_depend_on_the_number_of_tensors |
+| test_gpu_direct_launches_match_dispatched_launches | test_triton_dry_launch: test_direct_launches_pass_exactly_what_triton_dispatch_passes |
 | test_gpu_int64_addressing                     | (none: needs > 2^31 elements)                            |
 
 Run: ``python -m pytest -m gpu tests/test_triton_gpu.py``.
@@ -216,6 +217,39 @@ def test_gpu_launches_do_not_depend_on_tensors(variant):
     assert few == many, f"(all kernels, triton kernels) per iteration: 20 tensors {few}, 160 tensors {many}"
     expected = {"V": 3, "M": 4, "M-fold": 3}[variant]
     assert few == (expected, expected), f"(all kernels, triton kernels) per iteration: {few}"
+
+
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_gpu_direct_launches_match_dispatched_launches(variant, monkeypatch):
+    """Two copies stepped alike, one with direct launches (``kernels/direct.py``), one with every
+    launch through ``JITFunction.run``: bitwise equal weights and velocities, and the first
+    copy's launches after its first iteration were direct."""
+    from koala_triton.kernels import direct
+
+    cls = KoalaV if variant == "V" else KoalaM
+    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(), (5,), (300, 257), (40_009,), (16_384,)]
+    a = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in shapes]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_a, opt_b = cls(a, fused=True, **extra), cls(b, fused=True, **extra)
+    for step in range(6):
+        grads = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+        loss = torch.rand(8, generator=gen).to(DEVICE)
+        for opt, params, enabled in ((opt_a, a, True), (opt_b, b, False)):
+            monkeypatch.setattr(direct, "ENABLED", enabled)
+            before = direct.STATS["direct"]
+            opt.predict()
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step(loss=loss)
+            if enabled and step >= 1:
+                assert direct.STATS["direct"] - before >= 3
+    torch.cuda.synchronize()
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+        if cls is KoalaM:
+            assert torch.equal(opt_a.state[pa]["velocity"], opt_b.state[pb]["velocity"])
 
 
 def test_gpu_int64_addressing():
