@@ -7,6 +7,7 @@ mean and second moment on the device, and choosing the PyTorch or the Triton pat
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +19,7 @@ from . import _dispatch, _filter, _validation
 from ._plan import StepLayout, StepPlan
 
 FLOAT = _filter.FLOAT
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 @dataclass
@@ -269,8 +271,9 @@ class KoalaOptimizer(Optimizer):
         Host cost per step is a few list passes: the layout (which tensors, in which order) is
         cached under the pattern of present gradients and of zero weight decays per group, and
         the device vectors under the groups' (lr, weight_decay, eps). Gradients are checked
-        (dense, the parameter's shape) when a layout is built: torch's ``.grad`` setter already
-        refuses another shape, dtype or device, so later steps with the same pattern skip it.
+        (dense, the parameter's shape) when a layout is built; later steps with the same
+        pattern check density only (torch's ``.grad`` setter already refuses another shape,
+        dtype or device).
         """
         params, group_index = self._flat()
         grads = [p.grad for p in params]
@@ -283,10 +286,13 @@ class KoalaOptimizer(Optimizer):
             if len(layouts) >= 8:  # patterns churn only with changing frozen sets: keep a few
                 layouts.clear()
             layouts[key] = layout
+        step_grads = [grads[i] for i in layout.indices]
+        if any(map(_IS_SPARSE, step_grads)):  # a layout built from dense ones is reused
+            self._new_layout(params, grads, group_index)  # raises the error
         lr, wd, eps, decay = self._group_vectors(layout)
         return StepPlan(
             params=layout.params,
-            grads=[grads[i] for i in layout.indices],
+            grads=step_grads,
             indices=layout.indices,
             num_plain=layout.num_plain,
             decay=decay,

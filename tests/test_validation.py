@@ -109,6 +109,25 @@ def test_sparse_gradients_are_refused_without_touching_weights(cls):
     assert torch.equal(p.detach(), before)
 
 
+@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+def test_a_sparse_gradient_after_dense_steps_is_refused_without_touching_weights(cls):
+    """The step layout is cached from the dense steps; the sparse gradient is still refused."""
+    p = torch.ones(4, requires_grad=True)
+    opt = cls([p])
+    for _ in range(2):
+        opt.predict()
+        p.grad = torch.ones(4)
+        opt.step(loss=torch.rand(3))
+    opt.predict()
+    before = p.detach().clone()
+    filt = {k: v.clone() for k, v in opt.filter_state.items()}
+    p.grad = torch.ones(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(loss=torch.rand(3))
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.filter_state[k], v) for k, v in filt.items())
+
+
 def test_fused_true_without_kernels_or_gpu_is_a_clear_error():
     # CPU tensors without TRITON_INTERPRET: the Triton path cannot run here.
     import os
