@@ -79,16 +79,17 @@ class DryCudaDriver:
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
         self.utils = _Utils(recorder)
+        self.device = 0
 
     @classmethod
     def is_active(cls):
         return True
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def set_current_device(self, device):
-        pass
+        self.device = device
 
     def get_current_stream(self, device=None):
         return 0

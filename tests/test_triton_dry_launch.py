@@ -144,3 +144,21 @@ def test_direct_launches_can_be_turned_off(dry, monkeypatch):
         _iterate(opt, params, gen, "per-sample")
     assert direct.STATS["direct"] == before["direct"]
     assert direct.STATS["dispatched"] - before["dispatched"] == 12
+
+
+def test_direct_launches_are_kept_per_device(dry):
+    """A kernel compiled (and loaded) for one device is never launched directly on another."""
+    groups, params = _params(torch.float32)
+    opt = KoalaV(groups, fused=True)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        _iterate(opt, params, gen, "per-sample")
+    driver = dry_launch._driver_config.active
+    before = dict(direct.STATS)
+    driver.set_current_device(1)
+    try:
+        _iterate(opt, params, gen, "per-sample")
+    finally:
+        driver.set_current_device(0)
+    assert direct.STATS["direct"] == before["direct"]
+    assert direct.STATS["dispatched"] - before["dispatched"] == 3

@@ -9,7 +9,8 @@ half the host time of a KOALA-V step on ResNet-18 shapes.
 
 Here the first launch of every distinct *argument key* goes through ``JITFunction.run``, which
 returns the compiled kernel; later launches with the same key call its launcher directly with
-the arguments in parameter order, exactly as ``run`` would. The key is stricter than Triton's
+the arguments in parameter order, exactly as ``run`` would (one cache per device: a compiled
+kernel is loaded into one device's context). The key is stricter than Triton's
 specialisation, so a key always maps to the kernel ``run`` would pick: each tensor argument
 contributes its dtype and whether its address is 16-byte aligned (Triton's pointer
 specialisation), every other argument its type and value (Triton specialises integers on their
@@ -38,7 +39,7 @@ _MAX_KEYS = 64  # per kernel; steady training reuses a handful
 STATS = {"dispatched": 0, "direct": 0}
 
 _arguments: dict[int, object] = {}
-_compiled: dict[int, dict] = {}
+_compiled: dict[tuple[int, int], dict] = {}  # (kernel, device) -> key -> compiled kernel
 _tensor = torch.Tensor
 
 
@@ -83,7 +84,9 @@ def launch(fn, jit, grid: tuple[int, ...], kwargs: dict) -> None:
         jit[grid](**kwargs)
         return
     key = argument_key(kwargs)
-    per_kernel = _compiled.setdefault(id(fn), {})
+    device = driver.active.get_current_device()
+    # a compiled kernel is loaded into one device's context: one cache per device
+    per_kernel = _compiled.setdefault((id(fn), device), {})
     try:
         compiled = per_kernel.get(key)
     except TypeError:  # an unhashable argument: no direct launch for it
@@ -100,7 +103,6 @@ def launch(fn, jit, grid: tuple[int, ...], kwargs: dict) -> None:
         return
     STATS["direct"] += 1
     args = _argument_getter(fn)(kwargs)
-    device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
