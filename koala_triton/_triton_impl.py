@@ -140,18 +140,18 @@ def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=N
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
         p_slot_chunks=table.slot_chunks if k else dummy,
         p_partials=partials if measure else dummy,
+        p_sums=_buffer(cache, "sums", 3 * k, FLOAT, device) if k else dummy,
         p_coef=coef if measure else dummy,
         p_pending=pending,
         p_dist=tail["dist"] if tail is not None else dummy,
         p_const=const,
         n_slots=k,
-        n_partials=table.n_chunks if k else 0,
         n_dist=tail["n_dist"] if tail is not None else 0,
         numel_total=max(tail["numel"], 1) if tail is not None else 1,
         v_predicts=v_predicts,
         MOMENTUM=momentum, ADAPTIVE=measure and r is None, MEASURE=measure, TAIL=tail is not None,
         V_PREDICT=v_predicts > 0,
-        BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c,
+        BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
     )
     if tail is not None:
         tail["maybe"] = False

@@ -83,11 +83,12 @@ def test_passes_compile_to_vector_memory_accesses(case, dtype):
 ], ids=["V-vector-predict", "V-bf16-vector", "V-fixed-r-scalar-predict", "M-vector", "M-scalar", "M-settle"])
 def test_filter_kernel_compiles_in_float64(flags, loss_type):
     signature = {n: "*fp64" for n in ["p_pxx", "p_pxu", "p_puu", "p_qx", "p_r", "p_lr", "p_wd",
-                                     "p_eps", "p_partials", "p_coef", "p_dist", "p_const"]}
+                                     "p_eps", "p_partials", "p_sums", "p_coef", "p_dist", "p_const"]}
     signature.update({"p_loss": loss_type, "p_loss_sq": loss_type})
     signature.update({"p_step": "*i64", "p_skipped": "*i64", "p_slot_chunks": "*i64", "p_pending": "*i32",
-                      "n_slots": "i32", "n_partials": "i32", "n_dist": "i32", "numel_total": "i64",
+                      "n_slots": "i32", "n_dist": "i32", "numel_total": "i64",
                       "n_loss": "i32", "loss_stride": "i32", "v_predicts": "i32"})
-    code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t, "BLOCK_C": CUDA_BLOCKS.block_c})
+    code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t, "BLOCK_C": CUDA_BLOCKS.block_c,
+                                                        "SUM_T": CUDA_BLOCKS.sum_t, "SUM_C": CUDA_BLOCKS.sum_c})
     assert re.search(r"\.f64", code), "the filter computes in float64"
     assert "sqrt.rn.f64" in code or not flags["MEASURE"] and not flags["TAIL"]

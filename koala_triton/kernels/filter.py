@@ -51,17 +51,20 @@ C_ONE_MINUS_BETA = constant(6)
 
 def filter_kernel(
     p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped,
-    p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_coef,
+    p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_sums, p_coef,
     p_pending, p_dist, p_const,
-    n_slots, n_partials, n_dist, numel_total, n_loss, loss_stride, v_predicts,
+    n_slots, n_dist, numel_total, n_loss, loss_stride, v_predicts,
     MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
     LOSS_VEC: tl.constexpr, V_PREDICT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_T: tl.constexpr, SUM_C: tl.constexpr,
 ):
-    """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused."""
+    """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused.
+
+    ``p_sums`` [k, 3] float64 scratch: each tensor's ‖g‖², ‖g̃‖², ‖x‖² (its chunk partials
+    summed), written and read back within this program.
+    """
     o_t = tl.arange(0, BLOCK_T)
-    o_cb = tl.arange(0, BLOCK_C)
-    o_f = tl.arange(0, BLOCK_T * BLOCK_C)  # flat sweeps over all chunks
+    o_f = tl.arange(0, BLOCK_T * BLOCK_C)  # flat sweeps (loss vector, distance partials)
     zero = tl.full([], 0.0, dtype=tl.float64)
     b_pxx = tl.load(p_pxx)
     if MOMENTUM:
@@ -119,12 +122,42 @@ def filter_kernel(
             loss = tl.load(p_loss).to(tl.float64)
             if ADAPTIVE:
                 loss_sq = tl.load(p_loss_sq).to(tl.float64)
-        # Every gradient norm finite <=> the sum of all their chunk partials is (they are >= 0).
-        b_tot = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
-        for i in range(0, 3 * n_partials, BLOCK_T * BLOCK_C):
-            o = i + o_f
-            b_tot += tl.load(p_partials + o, mask=(o < 3 * n_partials) & (o % 3 != 2), other=0.0)
-        finite = (tl.abs(loss) < float("inf")) & (tl.reduce(b_tot, 0, _SUM) < float("inf"))
+        # Each tensor's sums of its chunk partials. A tile of SUM_T tensors walks their chunk
+        # ranges side by side, SUM_C chunks of each per step, so the steps a tile takes are its
+        # largest tensor's chunks / SUM_C (not all the chunks of all its tensors). Steps only
+        # add into [SUM_T, SUM_C] accumulators (no reduction, so no synchronisation, inside the
+        # loop); each tensor's row is reduced once at the end: a fixed order per tensor
+        # (deterministic, nothing from another tensor mixed in).
+        total = zero
+        o_st = tl.arange(0, SUM_T)
+        o_sc = tl.arange(0, SUM_C)
+        for t0 in range(0, n_slots, SUM_T):
+            o_s = t0 + o_st
+            m_s = o_s < n_slots
+            c_first = tl.load(p_slot_chunks + 2 * o_s, mask=m_s, other=0)
+            c_count = tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0)
+            a_gg = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
+            a_dd = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
+            a_xx = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
+            for c0 in range(0, tl.reduce(c_count, 0, _MAX), SUM_C):
+                o_c = c0 + o_sc
+                m_c = o_c[None, :] < c_count[:, None]
+                p_c3 = p_partials + 3 * (c_first[:, None] + o_c[None, :])
+                a_gg += tl.load(p_c3, mask=m_c, other=0.0)
+                a_dd += tl.load(p_c3 + 1, mask=m_c, other=0.0)
+                a_xx += tl.load(p_c3 + 2, mask=m_c, other=0.0)
+            b_gg = tl.reduce(a_gg, 1, _SUM)
+            b_dd = tl.reduce(a_dd, 1, _SUM)
+            b_xx = tl.reduce(a_xx, 1, _SUM)
+            p_s3 = p_sums + 3 * o_s
+            tl.store(p_s3, b_gg, mask=m_s)
+            tl.store(p_s3 + 1, b_dd, mask=m_s)
+            tl.store(p_s3 + 2, b_xx, mask=m_s)
+            # Every gradient norm finite <=> the sum of all of them is (they are >= 0).
+            total += tl.reduce(b_gg + b_dd, 0, _SUM)
+        # the sums are read below by other threads of this program
+        tl.debug_barrier()
+        finite = (tl.abs(loss) < float("inf")) & (total < float("inf"))
         if ADAPTIVE:
             finite = finite & (tl.abs(loss_sq) < float("inf"))
         # the same condition as a block mask (Triton's interpreter mistypes scalar-bool & block)
@@ -139,29 +172,10 @@ def filter_kernel(
         for t0 in range(0, n_slots, BLOCK_T):
             o_s = t0 + o_t
             m_s = o_s < n_slots
-            c_first = tl.load(p_slot_chunks + 2 * o_s, mask=m_s, other=0)
-            c_count = tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0)
-            # This block's chunks: one contiguous range when all tensors share a dtype (tables
-            # number chunks by dtype group, then in slot order). Walk it in tiles of BLOCK_C
-            # chunks; a [BLOCK_T, BLOCK_C] selection adds each chunk to its own tensor only,
-            # in a fixed order (deterministic, no cancellation between tensors).
-            c_end = c_first + c_count
-            c_lo = tl.reduce(tl.where(m_s, c_first, n_partials), 0, _MIN)
-            c_hi = tl.reduce(tl.where(m_s, c_end, 0), 0, _MAX)
-            b_gg = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
-            b_dd = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
-            b_xx = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
-            for c0 in range(c_lo, c_hi, BLOCK_C):
-                o_c = c0 + o_cb
-                m_c = o_c < c_hi
-                p_c3 = p_partials + 3 * o_c
-                b_cgg = tl.load(p_c3, mask=m_c, other=0.0)
-                b_cdd = tl.load(p_c3 + 1, mask=m_c, other=0.0)
-                b_cxx = tl.load(p_c3 + 2, mask=m_c, other=0.0)
-                m_sel = (o_c[None, :] >= c_first[:, None]) & (o_c[None, :] < c_end[:, None])
-                b_gg += tl.reduce(tl.where(m_sel, b_cgg[None, :], 0.0), 1, _SUM)
-                b_dd += tl.reduce(tl.where(m_sel, b_cdd[None, :], 0.0), 1, _SUM)
-                b_xx += tl.reduce(tl.where(m_sel, b_cxx[None, :], 0.0), 1, _SUM)
+            p_s3 = p_sums + 3 * o_s
+            b_gg = tl.load(p_s3, mask=m_s, other=0.0)
+            b_dd = tl.load(p_s3 + 1, mask=m_s, other=0.0)
+            b_xx = tl.load(p_s3 + 2, mask=m_s, other=0.0)
             b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
             b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
             b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
