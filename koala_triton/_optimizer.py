@@ -329,38 +329,35 @@ class KoalaOptimizer(Optimizer):
 
     def _group_vectors(self, layout: StepLayout) -> tuple[Tensor, Tensor, Tensor, list[float]]:
         """(lr, weight_decay, eps) as [k] float64 device vectors and the host weight decays of
-        the decayed tensors, uploaded again only when a group's values change."""
+        the decayed tensors. Float values are uploaded only when they change (an lr schedule
+        uploads one vector per step, weight decay and eps stay); tensor learning rates (e.g.
+        for graph capture) stay on the device and are gathered every step (a tensor is never
+        compared on the host)."""
         groups = self.param_groups
-        values = tuple([(grp["lr"], grp["weight_decay"], grp["eps"]) for grp in groups])
-        if any(isinstance(v[0], Tensor) for v in values):
-            # Tensor learning rates (e.g. for graph capture) stay on the device; they are
-            # gathered every step (a tensor is never compared on the host).
-            plain_values = tuple([v[1:] for v in values])
-            cached = layout.vectors.get("tensor_lr")
-            if cached is None or cached[0] != plain_values:
-                cached = (plain_values, *self._wd_eps_vectors(layout))
-                layout.vectors["tensor_lr"] = cached
+        vectors = layout.vectors
+        wd_eps = tuple([(grp["weight_decay"], grp["eps"]) for grp in groups])
+        cached = vectors.get("wd_eps")
+        if cached is None or cached[0] != wd_eps:
+            wd = [float(groups[g]["weight_decay"]) for g in layout.group_of]
+            eps = [float(groups[g]["eps"]) for g in layout.group_of]
+            cached = (wd_eps, self._upload(wd), self._upload(eps), wd[layout.num_plain:])
+            vectors["wd_eps"] = cached
+        _, wd, eps, decay = cached
+        lrs = tuple([grp["lr"] for grp in groups])
+        if any(isinstance(v, Tensor) for v in lrs):
             per_group = [
                 v.detach().to(device=self._device, dtype=FLOAT).reshape(())
                 if isinstance(v, Tensor)
                 else torch.full((), float(v), dtype=FLOAT, device=self._device)
-                for v in (grp["lr"] for grp in groups)
+                for v in lrs
             ]
-            wd, eps, decay = cached[1:]
             lr = torch.stack([per_group[g] for g in layout.group_of]) if layout.group_of else wd.new_zeros(0)
             return lr, wd, eps, decay
-        cached = layout.vectors.get("float_lr")
-        if cached is None or cached[0] != values:
-            lr = self._upload([float(groups[g]["lr"]) for g in layout.group_of])
-            cached = (values, lr, *self._wd_eps_vectors(layout))
-            layout.vectors["float_lr"] = cached
-        return cached[1:]
-
-    def _wd_eps_vectors(self, layout: StepLayout) -> tuple[Tensor, Tensor, list[float]]:
-        groups = self.param_groups
-        wd = [float(groups[g]["weight_decay"]) for g in layout.group_of]
-        eps = [float(groups[g]["eps"]) for g in layout.group_of]
-        return self._upload(wd), self._upload(eps), wd[layout.num_plain:]
+        cached = vectors.get("lr")
+        if cached is None or cached[0] != lrs:
+            cached = (lrs, self._upload([float(groups[g]["lr"]) for g in layout.group_of]))
+            vectors["lr"] = cached
+        return cached[1], wd, eps, decay
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
