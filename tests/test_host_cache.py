@@ -81,10 +81,11 @@ def _change_groups(step, opt, ref, params, gen):
 
 
 def _grads(params, step, gen):
-    """Random gradients; the set with a gradient changes from step to step."""
+    """Random gradients; the set with a gradient changes from step to step, until step 11
+    (from then on the layout stays while the lr keeps changing)."""
     grads = []
     for i, p in enumerate(params):
-        if (i + step) % 5 == 0 or step == 7:
+        if step < 11 and ((i + step) % 5 == 0 or step == 7):
             grads.append(None)
         else:
             grads.append(torch.randn(p.shape, generator=gen, dtype=torch.float64))
