@@ -108,8 +108,15 @@ def count_launches(fn: Callable[[], None], device: torch.device) -> dict:
         # Host side, for cross-checking: runtime/driver launch and async-copy calls.
         api = sum(1 for e in events if e.device_type == DeviceType.CPU and (
             "LaunchKernel" in e.name or e.name in ("cudaMemcpyAsync", "cudaMemsetAsync")))
+        # Device time per kernel name (µs, the 8 longest): e.g. how long KOALA's one-program
+        # filter kernel takes next to the bandwidth-bound passes.
+        per_kernel: dict[str, float] = {}
+        for e in dev:
+            name = e.name[:60]
+            per_kernel[name] = per_kernel.get(name, 0.0) + e.time_range.elapsed_us()
+        longest = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8])
         return {"launches_per_step": len(dev), "kernels_per_step": len(dev) - copies,
-                "launch_api_calls_per_step": api,
+                "launch_api_calls_per_step": api, "kernel_us": longest,
                 "launches_counted": "CUDA device activities (kernels + memcpy/memset)"}
 
     def top_level(e) -> bool:

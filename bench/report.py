@@ -170,7 +170,22 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
                 f"| {_f(r.get('state_bytes_per_param'), '.2f')} |")
         lines.append("")
     lines += memory_table(groups)
+    lines += kernel_table(groups)
     return "\n".join(lines) + "\n"
+
+
+def kernel_table(groups) -> list[str]:
+    """Device time per kernel in the profiled step of each Triton-path row (CUDA runs only)."""
+    rows = [(key, r) for key, group in groups.items() for r in group
+            if r.get("kernel_us") and r.get("impl") == "triton"]
+    if not rows:
+        return []
+    lines = ["## Kernel time per step (CUDA, one profiled iteration, µs)", "",
+             "| set | dtype | optimizer | kernels (µs) |", "|---|---|---|---|"]
+    for (set_name, dtype), r in rows:
+        cells = ", ".join(f"{name} {us:.1f}" for name, us in r["kernel_us"].items())
+        lines.append(f"| {set_name} | {dtype} | {r['label']} | {cells} |")
+    return lines + [""]
 
 
 def memory_table(groups) -> list[str]:
