@@ -19,7 +19,9 @@ value; floats and constexprs are keyed by value though Triton needs less). Launc
 read are unchanged, holds here by construction (``constants.py``: they are never reassigned).
 
 Off with ``KOALA_TRITON_DIRECT_LAUNCH=0`` (every launch then goes through ``JITFunction.run``),
-and off by itself where the installed Triton's compiled kernels lack the attributes used here.
+and off by itself with a Triton older than 3.4 or whose compiled kernels lack the attributes
+used here. Checked against ``JITFunction.run`` with triton 3.6 and 3.9
+(``tests/test_triton_dry_launch.py``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ import operator
 import os
 
 import torch
-from triton import knobs
 from triton.runtime.driver import driver
 
-ENABLED = os.environ.get("KOALA_TRITON_DIRECT_LAUNCH", "1") != "0"
+try:
+    from triton import knobs
+except ImportError:  # triton < 3.4 has no knobs module: every launch goes through run()
+    knobs = None
+
+ENABLED = knobs is not None and os.environ.get("KOALA_TRITON_DIRECT_LAUNCH", "1") != "0"
 _MAX_KEYS = 64  # per kernel; steady training reuses a handful
 
 #: Launches since import: through ``JITFunction.run`` ("dispatched") and direct ("direct").
