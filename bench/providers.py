@@ -9,8 +9,9 @@ An iteration is what one training step costs the optimizer:
 
 ``bytes_fp32`` is the memory-traffic floor per fp32 parameter from KOALA.md §7 (the least any
 implementation of that algorithm must move); for other dtypes it scales with the element size.
-KOALA-M's floor is the two-pass form with the next predict folded into the update (36 B); its
-three-pass form (predict as its own pass) is 56 B. The benchmarks use weight_decay = 0 for KOALA,
+KOALA-M's floor is the two-pass form with the next predict folded into the update (36 B), what
+``KoalaM(fold_predict=True)`` moves; its three-pass form (predict as its own pass, the default)
+is 56 B. The benchmarks use weight_decay = 0 for KOALA,
 so KOALA-V's floor is 16 B.
 """
 
@@ -72,11 +73,11 @@ def _koala_cls(name: str):
         raise ProviderUnavailable(f"koala_triton.{name} is not importable: {exc}") from exc
 
 
-def _koala(name: str, fused: bool):
+def _koala(name: str, fused: bool, **options):
     def build(params):
         cls = _koala_cls(name)
         try:
-            opt = cls(params, fused=fused)
+            opt = cls(params, fused=fused, **options)
         except NotImplementedError as exc:
             raise ProviderUnavailable(f"{name}(fused={fused}): {exc}") from exc
         return _koala_stepper(opt, params[0].device)
@@ -109,6 +110,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in [
              _koala("KoalaV", fused=False)),
     Provider("koala_m_triton", "KoalaM (Triton)", "koala_m", "triton", 36, True,
              _koala("KoalaM", fused=True)),
+    Provider("koala_m_fold_triton", "KoalaM fold_predict (Triton)", "koala_m", "triton", 36, True,
+             _koala("KoalaM", fused=True, fold_predict=True)),
     Provider("koala_m_torch", "KoalaM (PyTorch)", "koala_m", "pytorch", 36, False,
              _koala("KoalaM", fused=False)),
     Provider("official_v", "KOALA-V official-style loop", "koala_v", "official-loop", 16, False,

@@ -111,6 +111,29 @@ def test_state_bytes_are_measured_from_the_optimizer(provider, expected_fp32):
     assert per_param == pytest.approx(expected_fp32, abs=0.01)
 
 
+@pytest.mark.parametrize("provider, launches", [
+    ("koala_v_triton", 3), ("koala_m_triton", 4), ("koala_m_fold_triton", 3)])
+def test_triton_providers_iterate_under_the_interpreter(monkeypatch, provider, launches):
+    """The CPU twin of the GPU benchmark rows: each Triton provider builds the optimizer it
+    names and one iteration makes the launches of its design (fold mode: after its first)."""
+    pytest.importorskip("triton")
+    from koala_triton.kernels import launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ps = param_sets.build("many-small-8x1K", torch.float32, torch.device("cpu"))
+    params = ps.params[:3]
+    before = [p.detach().clone() for p in params]
+    stepper = PROVIDERS[provider].build(params)
+    assert stepper.optimizer.uses_triton
+    assert getattr(stepper.optimizer, "_fold", False) == (provider == "koala_m_fold_triton")
+    stepper.iterate()
+    start = launch.LAUNCHES["count"]
+    stepper.iterate()
+    assert launch.LAUNCHES["count"] - start == launches
+    assert all(p.isfinite().all() for p in params)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_floor_bytes_follow_koala_md_section_7():
     assert floor_bytes_per_param(PROVIDERS["adamw_fused"], torch.float32) == 28
     assert floor_bytes_per_param(PROVIDERS["sgdm_foreach"], torch.float32) == 20
