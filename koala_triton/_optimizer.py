@@ -278,6 +278,13 @@ class KoalaOptimizer(Optimizer):
         params, group_index = self._flat()
         grads = [p.grad for p in params]
         groups = self.param_groups
+        for grp in groups:
+            for name in ("weight_decay", "eps"):
+                if isinstance(grp[name], Tensor):  # comparing or converting it would sync
+                    raise TypeError(
+                        f"param group {name} must be a float, got a tensor: {name} is read on "
+                        "the host; only lr may be a device tensor (e.g. for CUDA graphs)"
+                    )
         key = (tuple([g is not None for g in grads]), tuple([grp["weight_decay"] == 0 for grp in groups]))
         layouts = self._host_cache.setdefault("layouts", {})
         layout = layouts.get(key)

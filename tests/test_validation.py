@@ -142,3 +142,19 @@ def test_fused_true_without_kernels_or_gpu_is_a_clear_error():
 def test_fused_false_and_none_use_the_pytorch_path_on_cpu(cls):
     assert cls(_p(), fused=False).uses_triton is False
     assert cls(_p(), fused=None).uses_triton is False
+
+
+@pytest.mark.parametrize("name", ["weight_decay", "eps"])
+@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+def test_a_tensor_weight_decay_or_eps_set_on_a_group_is_refused_without_touching_weights(cls, name):
+    """Set after construction (add_param_group validates its own): reading a device tensor on
+    the host would synchronise, so the step refuses it with the name; only lr may be a tensor."""
+    p = torch.ones(4, requires_grad=True)
+    opt = cls([p])
+    opt.predict()
+    before = p.detach().clone()
+    opt.param_groups[0][name] = torch.tensor(0.1)
+    p.grad = torch.ones(4)
+    with pytest.raises(TypeError, match=name):
+        opt.step(loss=torch.rand(3))
+    assert torch.equal(p.detach(), before)
