@@ -295,7 +295,7 @@ class KoalaOptimizer(Optimizer):
             layouts[key] = layout
         step_grads = [grads[i] for i in layout.indices]
         if any(map(_IS_SPARSE, step_grads)):  # a layout built from dense ones is reused
-            self._new_layout(params, grads, group_index)  # raises the error
+            self._refuse_sparse_gradients()
         lr, wd, eps, decay = self._group_vectors(layout)
         return StepPlan(
             params=layout.params,
@@ -315,7 +315,7 @@ class KoalaOptimizer(Optimizer):
             if g is None:
                 continue
             if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._refuse_sparse_gradients()
             if g.shape != p.shape:
                 raise RuntimeError(f"grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}")
             (plain if self.param_groups[gi]["weight_decay"] == 0 else decayed).append(flat)
@@ -326,6 +326,9 @@ class KoalaOptimizer(Optimizer):
             group_of=[group_index[i] for i in indices],
             num_plain=len(plain),
         )
+
+    def _refuse_sparse_gradients(self):
+        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
     def _upload(self, values: list[float]) -> Tensor:
         """A float64 device vector of ``values`` (pinned source, asynchronous copy)."""

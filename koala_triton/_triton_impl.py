@@ -219,15 +219,6 @@ def _avg_weight(dtype: torch.dtype) -> float:
     return _AVG_WEIGHT[dtype]
 
 
-def _numel(cache: dict, table: tables.Table, params) -> int:
-    """Total element count of ``params``, remembered per table (the table is keyed by them)."""
-    hit = cache.get("numel")
-    if hit is None or hit[0] is not table:
-        hit = (table, sum(p.numel() for p in params))
-        cache["numel"] = hit
-    return hit[1]
-
-
 def _device(filt) -> torch.device:
     return filt["R"].device
 
@@ -294,7 +285,7 @@ def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, 
             num_warps=blocks.num_warps,
         )
     prepared.stage_back(arrays)
-    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=_numel(cache, table, params),
+    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=table.numel,
                          a=float(a), qv=float(qv), maybe=True)
 
 
@@ -374,5 +365,5 @@ def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, lo
     _launch_update(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                  u_scale=velocity_scale, dist=dist, pending=pending)
     prepared.stage_back(arrays)
-    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=_numel(cache, all_table, params),
+    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=all_table.numel,
                          a=float(a), qv=float(qv), maybe=True)

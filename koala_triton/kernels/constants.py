@@ -1,4 +1,4 @@
-"""Compile-time integers that kernels read as globals.
+"""What the kernels read as globals: compile-time integers and reduction combine functions.
 
 Triton checks, at every launch, that each global a kernel read when it was compiled still has
 its value (``JITFunction.run``: ``globals_dict[name] != saved_copy``). For a ``tl.constexpr``
@@ -22,3 +22,11 @@ class constant(tl.constexpr):  # noqa: N801 (reads like tl.constexpr at the defi
 
     def __hash__(self):
         return hash(self.value)
+
+
+# Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
+# (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
+# inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
+# functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
+SUM = tl.standard._sum_combine
+MAX = tl.standard._elementwise_max

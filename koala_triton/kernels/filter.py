@@ -30,15 +30,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .constants import constant
-
-# Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
-# (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
-# inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
-# functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
-_SUM = tl.standard._sum_combine
-_MAX = tl.standard._elementwise_max
-_MIN = tl.standard._elementwise_min
+from .constants import MAX, SUM, constant
 
 C_ALPHA = constant(0)
 C_ONE_MINUS_ALPHA = constant(1)
@@ -87,7 +79,7 @@ def filter_kernel(
         b_acc = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
         for i in range(0, n_dist, BLOCK_T * BLOCK_C):
             b_acc += tl.load(p_dist + i + o_f, mask=i + o_f < n_dist, other=0.0)
-        dist = tl.sqrt(tl.reduce(b_acc, 0, _SUM)) / numel_total.to(tl.float64)
+        dist = tl.sqrt(tl.reduce(b_acc, 0, SUM)) / numel_total.to(tl.float64)
         beta = tl.load(p_const + C_BETA)
         one_minus_beta = tl.load(p_const + C_ONE_MINUS_BETA)
         a = tl.load(p_const + C_A)
@@ -116,8 +108,8 @@ def filter_kernel(
                 b_l1 += b_l
                 b_l2 += b_l * b_l
             n_l = zero + n_loss  # (not n_loss.to: an int argument equal to 1 may arrive as a constexpr)
-            loss = tl.reduce(b_l1, 0, _SUM) / n_l
-            loss_sq = tl.reduce(b_l2, 0, _SUM) / n_l
+            loss = tl.reduce(b_l1, 0, SUM) / n_l
+            loss_sq = tl.reduce(b_l2, 0, SUM) / n_l
         else:
             loss = tl.load(p_loss).to(tl.float64)
             if ADAPTIVE:
@@ -139,22 +131,22 @@ def filter_kernel(
             a_gg = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
             a_dd = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
             a_xx = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
-            for c0 in range(0, tl.reduce(c_count, 0, _MAX), SUM_C):
+            for c0 in range(0, tl.reduce(c_count, 0, MAX), SUM_C):
                 o_c = c0 + o_sc
                 m_c = o_c[None, :] < c_count[:, None]
                 p_c3 = p_partials + 3 * (c_first[:, None] + o_c[None, :])
                 a_gg += tl.load(p_c3, mask=m_c, other=0.0)
                 a_dd += tl.load(p_c3 + 1, mask=m_c, other=0.0)
                 a_xx += tl.load(p_c3 + 2, mask=m_c, other=0.0)
-            b_gg = tl.reduce(a_gg, 1, _SUM)
-            b_dd = tl.reduce(a_dd, 1, _SUM)
-            b_xx = tl.reduce(a_xx, 1, _SUM)
+            b_gg = tl.reduce(a_gg, 1, SUM)
+            b_dd = tl.reduce(a_dd, 1, SUM)
+            b_xx = tl.reduce(a_xx, 1, SUM)
             p_s3 = p_sums + 3 * o_s
             tl.store(p_s3, b_gg, mask=m_s)
             tl.store(p_s3 + 1, b_dd, mask=m_s)
             tl.store(p_s3 + 2, b_xx, mask=m_s)
             # Every gradient norm finite <=> the sum of all of them is (they are >= 0).
-            total += tl.reduce(b_gg + b_dd, 0, _SUM)
+            total += tl.reduce(b_gg + b_dd, 0, SUM)
         # the sums are read below by other threads of this program
         tl.debug_barrier()
         finite = (tl.abs(loss) < float("inf")) & (total < float("inf"))
@@ -188,7 +180,7 @@ def filter_kernel(
             tl.store(p_c, scale * b_pxx, mask=m_s)
             tl.store(p_c + 1, scale * b_pxu, mask=m_s)
             tl.store(p_c + 2, ok.to(tl.float64), mask=m_s)
-            largest = tl.maximum(largest, tl.reduce(g_sq, 0, _MAX))
+            largest = tl.maximum(largest, tl.reduce(g_sq, 0, MAX))
 
         s_max = b_pxx * largest + noise
         informative = s_max > 0

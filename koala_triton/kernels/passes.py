@@ -20,7 +20,7 @@ Passes and bytes per fp32 parameter (each array read or written once):
 
 Tiles: each program first walks the full tiles of its chunk without a mask, then one masked
 tail tile (``for PHASE in tl.static_range(2)``). Together with the alignment hints (every
-address is 16-byte aligned, which ``tables.bind`` guarantees by staging any tensor that is not,
+address is 16-byte aligned, which ``tables.prepare`` guarantees by staging any tensor that is not,
 and chunk starts are multiples of ``CHUNK``) this lets the compiler emit 128-bit vector loads
 and stores; a mask on every tile would not (its bound is loaded from the table, so the
 compiler cannot prove whole vectors share it).
@@ -37,16 +37,9 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .constants import constant
+from .constants import SUM, constant
 
-# Reductions through tl.reduce with triton's own combine functions instead of tl.sum/tl.max
-# (and tl.full instead of tl.zeros): those helpers are @jit functions, and every call of one
-# inside an interpreted kernel costs milliseconds; the interpreter maps these two combine
-# functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
-_SUM = tl.standard._sum_combine
-_MAX = tl.standard._elementwise_max
-
-#: Address alignment the host guarantees (bytes); see ``tables.bind``.
+#: Address alignment the host guarantees (bytes); see ``tables.prepare``.
 ALIGN = constant(16)
 
 # Row columns (tables.py).
@@ -112,9 +105,9 @@ def norms_kernel(
                 b_d = b_g + b_wd * b_x
                 b_dd += b_d * b_d
                 b_xx += b_x * b_x
-    s_gg = tl.reduce(b_gg, 0, _SUM).to(tl.float64)
-    s_dd = tl.where(decayed, tl.reduce(b_dd, 0, _SUM).to(tl.float64), s_gg)
-    s_xx = tl.reduce(b_xx, 0, _SUM).to(tl.float64)
+    s_gg = tl.reduce(b_gg, 0, SUM).to(tl.float64)
+    s_dd = tl.where(decayed, tl.reduce(b_dd, 0, SUM).to(tl.float64), s_gg)
+    s_xx = tl.reduce(b_xx, 0, SUM).to(tl.float64)
     p_out = p_partials + 3 * (chunk_base + i_c)
     tl.store(p_out, s_gg)
     tl.store(p_out + 1, s_dd)
@@ -271,7 +264,7 @@ def fold_kernel(
             b_dist += b_gap * b_gap
             tl.store(p_xe, (b_x1 + b_u1).to(DT), mask=m_e)
             tl.store(p_ue, b_u1.to(DT), mask=m_e)
-    tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, _SUM).to(tl.float64))
+    tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, SUM).to(tl.float64))
     if i_c == 0:
         tl.store(p_pending, 1)
 
@@ -327,6 +320,6 @@ def predict_kernel(
             tl.store(p_xe, (b_x + x_scale * b_u).to(DT), mask=m_e)
             if SCALE_U:
                 tl.store(p_ue, (u_mult * b_u).to(DT), mask=m_e)
-    tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, _SUM).to(tl.float64))
+    tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, SUM).to(tl.float64))
     if i_c == 0:
         tl.store(p_pending, 1)

@@ -51,6 +51,7 @@ class Group:
 class Table:
     groups: list[Group]
     n_chunks: int  # all groups
+    numel: int  # elements of all rows
     #: [k, 2] int64 by slot: (first global chunk, number of chunks); None without slots.
     slot_chunks: Tensor | None
     keep: list = field(default_factory=list)  # host sources of in-flight uploads
@@ -238,4 +239,5 @@ def table(
         ))
         base += n_chunks
     slot_tensor = _upload([v for s in slot_chunks for v in s] or [0, 0], device, keep) if num_slots else None
-    return Table(groups=groups, n_chunks=base, slot_chunks=slot_tensor, keep=keep)
+    numel = sum(next(iter(row.values())).numel() for row in arrays)
+    return Table(groups=groups, n_chunks=base, numel=numel, slot_chunks=slot_tensor, keep=keep)
