@@ -53,6 +53,14 @@ def _types(dtype: torch.dtype):
     return dt, (tl.float64 if dtype == torch.float64 else tl.float32)
 
 
+def _launch_groups(table: tables.Table):
+    """(group, element type, compute type) for each dtype group of ``table`` with chunks: one
+    launch of a pass each."""
+    for group in table.groups:
+        if group.n_chunks:
+            yield (group, *_types(group.dtype))
+
+
 def _buffer(cache: dict, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A grow-only scratch buffer owned by ``cache`` (stable address while large enough)."""
     buf = cache.get(name)
@@ -174,10 +182,7 @@ def _measure(plan: StepPlan, table: tables.Table, filt, cache, device, *, loss, 
     k = len(plan.params)
     partials = _buffer(cache, "partials", 3 * table.n_chunks, FLOAT, device)
     coef = _buffer(cache, "coef", 3 * k, FLOAT, device)
-    for group in table.groups:
-        if group.n_chunks == 0:
-            continue
-        dt, ct = _types(group.dtype)
+    for group, dt, ct in _launch_groups(table):
         launch(
             norms_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
@@ -192,10 +197,7 @@ def _measure(plan: StepPlan, table: tables.Table, filt, cache, device, *, loss, 
 def _launch_update(table, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
                    u_scale=1.0, dist=None, pending=None) -> None:
     blocks = blocks_for(device)
-    for group in table.groups:
-        if group.n_chunks == 0:
-            continue
-        dt, ct = _types(group.dtype)
+    for group, dt, ct in _launch_groups(table):
         common = dict(
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef,
             chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=_avg_weight(group.dtype),
@@ -273,10 +275,7 @@ def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, 
     prepared.stage_in(arrays)
     if table.n_chunks == 0:
         pending.fill_(1)  # nothing to move; the filter still predicts with D = 0
-    for group in table.groups:
-        if group.n_chunks == 0:
-            continue
-        dt, ct = _types(group.dtype)
+    for group, dt, ct in _launch_groups(table):
         launch(
             predict_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_dist=dist, p_pending=pending,
