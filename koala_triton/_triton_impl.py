@@ -16,7 +16,8 @@ Lazy predict tail (KOALA-M): the predict pass writes per-chunk partial sums of �
 raises a device flag; the scalar part of the predict (qx EMA, P̂ = F P Fᵀ + Q) runs at the start
 of the next filter kernel. ``settle_filter`` runs it on its own, and the optimizer calls it
 before anyone reads ``filter_state`` or ``state_dict()``, so what users see is the same as on
-the PyTorch path. ``cache`` (owned by the optimizer) holds the tables, partial-sum buffers,
+the PyTorch path (one small launch per read: only the device flag knows whether a CUDA-graph
+replay raised it). ``cache`` (owned by the optimizer) holds the tables, partial-sum buffers,
 the flag and the hyper-parameter vector.
 """
 
@@ -93,6 +94,16 @@ def _pending(cache: dict, device: torch.device) -> Tensor:
     return flag
 
 
+def _no_slots(cache: dict, device: torch.device) -> Tensor:
+    """An int64 stand-in for the slot-chunk table when no tensor is measured (never read, but
+    typed as the real one: a float stand-in would make the kernel's loop bound a float)."""
+    table = cache.get("no_slots")
+    if table is None:
+        table = torch.zeros(2, dtype=torch.int64, device=device)
+        cache["no_slots"] = table
+    return table
+
+
 def _filter_args(filt: dict[str, Tensor], momentum: bool) -> dict:
     if momentum:
         return dict(p_pxx=filt["Pxx"], p_pxu=filt["Pxu"], p_puu=filt["Puu"], p_qx=filt["qx"])
@@ -124,7 +135,7 @@ def loss_moments(loss_in) -> tuple:
 def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=None, partials=None,
                    coef=None, loss=None, loss_sq_mean=None, r=None, alpha_r=0.9) -> None:
     tail = cache.get("tail") if momentum else None
-    if not measure and (tail is None or not tail["maybe"]):
+    if not measure and tail is None:
         return
     if momentum:
         a, qv = (tail["a"], tail["qv"]) if tail is not None else (0.0, 0.0)
@@ -146,7 +157,7 @@ def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=N
         p_r=filt["R"], p_step=filt["step"], p_skipped=filt["skipped_steps"],
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
-        p_slot_chunks=table.slot_chunks if k else dummy,
+        p_slot_chunks=table.slot_chunks if k else _no_slots(cache, device),
         p_partials=partials if measure else dummy,
         p_sums=_buffer(cache, "sums", 3 * k, FLOAT, device) if k else dummy,
         p_coef=coef if measure else dummy,
@@ -162,13 +173,17 @@ def _launch_filter(filt, cache, device, *, momentum, measure, plan=None, table=N
         BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
     )
     if tail is not None:
-        tail["maybe"] = False
+        tail["raised_since_filter"] = False
 
 
 def settle_filter(filt: dict[str, Tensor], cache: dict) -> None:
-    """Apply deferred predict work now: a pending KOALA-M predict tail (one launch if one may be
-    pending, else none), or KOALA-V's counted predicts (``p += q`` per predict, torch ops, the
-    PyTorch path's exact sequence)."""
+    """Apply deferred predict work now: a pending KOALA-M predict tail, or KOALA-V's counted
+    predicts (``p += q`` per predict, torch ops, the PyTorch path's exact sequence).
+
+    KOALA-M: one filter-kernel launch whenever a predict pass has ever run, since only the
+    device flag knows whether a tail is pending (a CUDA-graph replay raises it without any
+    host code running); the kernel applies a pending tail once and otherwise changes nothing.
+    """
     n = cache.pop("v_predicts", 0)
     for _ in range(n):
         _filter.predict_v(filt, cache["v_q"])
@@ -263,7 +278,11 @@ def koala_v_update(plan: StepPlan, filt, loss, loss_sq_mean, *, r, alpha_r, raw_
 def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, scale_u) -> None:
     device = _device(filt)
     blocks = blocks_for(device)
-    settle_filter(filt, cache)  # a predict tail still pending (predict twice): apply it first
+    tail = cache.get("tail")
+    if tail is not None and tail["raised_since_filter"]:
+        # predict twice: the last pass's tail is still pending, apply it before this pass
+        # overwrites its partial sums (eager host order; see settle_filter for graph replays)
+        _launch_filter(filt, cache, device, momentum=True, measure=False)
     arrays = {"x": params, "u": velocities, "a": averages}
     prepared = tables.prepare(
         cache, "m_all", params, arrays, ("x", "u"), keyed=("x",),
@@ -284,8 +303,8 @@ def _predict_pass(params, velocities, averages, filt, cache, *, a, qv, x_scale, 
             num_warps=blocks.num_warps,
         )
     prepared.stage_back(arrays)
-    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=table.numel,
-                         a=float(a), qv=float(qv), maybe=True)
+    cache["tail"] = dict(dist=dist, n_dist=table.n_chunks, numel=table.numel, a=float(a), qv=float(qv),
+                         raised_since_filter=True)
 
 
 def koala_m_predict(params, velocities, averages, filt, *, a: float, qv: float, cache=None) -> None:
@@ -364,5 +383,5 @@ def koala_m_update_folded(plan: StepPlan, params, velocities, averages, filt, lo
     _launch_update(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                  u_scale=velocity_scale, dist=dist, pending=pending)
     prepared.stage_back(arrays)
-    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=all_table.numel,
-                         a=float(a), qv=float(qv), maybe=True)
+    cache["tail"] = dict(dist=dist, n_dist=all_table.n_chunks, numel=all_table.numel, a=float(a), qv=float(qv),
+                         raised_since_filter=True)

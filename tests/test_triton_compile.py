@@ -47,8 +47,8 @@ def ptx(fn, signature: dict, constexprs: dict) -> str:
 
 GEOMETRY = {"CHUNK": CUDA_BLOCKS.chunk, "BLOCK": CUDA_BLOCKS.block}
 COMMON = {"p_chunks": "*i64", "p_rows": "*i64", "p_wd": "*fp64", "p_coef": "*fp64", "p_partials": "*fp64",
-          "p_dist": "*fp64", "p_pending": "*i32", "chunk_base": "i64", "u_scale": "fp32",
-          "avg_weight": "fp32", "x_scale": "fp32", "u_mult": "fp32"}
+          "p_dist": "*fp64", "p_pending": "*i32", "chunk_base": "i64", "u_scale": "fp64",
+          "avg_weight": "fp64", "x_scale": "fp64", "u_mult": "fp64"}
 PASSES = [
     (passes.norms_kernel, {}),
     (passes.update_kernel, {"MOMENTUM": False, "RAW_STEP": False}),

@@ -79,7 +79,7 @@ def filter_kernel(
         b_acc = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
         for i in range(0, n_dist, BLOCK_T * BLOCK_C):
             b_acc += tl.load(p_dist + i + o_f, mask=i + o_f < n_dist, other=0.0)
-        dist = tl.sqrt(tl.reduce(b_acc, 0, SUM)) / numel_total.to(tl.float64)
+        dist = tl.sqrt(tl.reduce(b_acc, 0, SUM)) / (zero + numel_total)
         beta = tl.load(p_const + C_BETA)
         one_minus_beta = tl.load(p_const + C_ONE_MINUS_BETA)
         a = tl.load(p_const + C_A)

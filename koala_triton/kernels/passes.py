@@ -18,6 +18,12 @@ Passes and bytes per fp32 parameter (each array read or written once):
 - ``predict_kernel`` (KOALA-M predict): partial sums of ‖xavg − x‖² (x before the move), then
   x ← x + s_x·u and, unless the velocity is kept deferred (fold mode), u ← a·u. 20 B.
 
+Scalar arguments: the Python floats a pass takes (velocity and position scales, xavg's EMA
+weight) are declared ``tl.float64``. Undeclared, compiled Triton would type them fp32 (the
+interpreter keeps Python's double), so float64 parameters would step with fp32(0.9); declared,
+each program rounds them once to ``CT``, which for float32 and 16-bit parameters is the fp32
+value the PyTorch path uses.
+
 Tiles: each program first walks the full tiles of its chunk without a mask, then one masked
 tail tile (``for PHASE in tl.static_range(2)``). Together with the alignment hints (every
 address is 16-byte aligned, which ``tables.prepare`` guarantees by staging any tensor that is not,
@@ -116,15 +122,15 @@ def norms_kernel(
 
 def update_kernel(
     p_chunks, p_rows, p_wd, p_coef,
-    chunk_base, u_scale, avg_weight,
+    chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr,
 ):
     """The measurement update of every row (every row has a slot).
 
     ``p_coef`` [k, 3] float64 by slot: (c_x, c_u, updated) from the filter kernel; a row the
-    filter did not update is not touched. ``u_scale`` (fp32) multiplies the stored velocity
-    before use (1 after a plain predict). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
+    filter did not update is not touched. ``u_scale`` multiplies the stored velocity before use
+    (1 after a plain predict). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
     """
     i_c = tl.program_id(0).to(tl.int64)
     p_ch = p_chunks + 2 * i_c
@@ -143,6 +149,8 @@ def update_kernel(
         p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
         if MOMENTUM:
             b_cu = tl.load(p_coef + 3 * i_slot + 1).to(CT)
+            b_u_scale = (tl.full([], 0.0, dtype=tl.float64) + u_scale).to(CT)
+            b_avg_weight = (tl.full([], 0.0, dtype=tl.float64) + avg_weight).to(CT)
             p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
             p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
         n_here = tl.minimum(n - o_start, CHUNK)
@@ -177,17 +185,17 @@ def update_kernel(
                 if MOMENTUM:
                     p_ue = p_u + o_e
                     p_ae = p_a + o_e
-                    b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT) * u_scale
+                    b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT) * b_u_scale
                     b_du = b_cu * b_d
                     tl.store(p_ue, (b_u - b_du).to(DT), mask=m_e)
                     b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
-                    b_a1 = b_a + avg_weight * (b_x1.to(CT) - b_a)
+                    b_a1 = b_a + b_avg_weight * (b_x1.to(CT) - b_a)
                     tl.store(p_ae, b_a1.to(DT), mask=m_e)
 
 
 def fold_kernel(
     p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending,
-    chunk_base, u_scale, avg_weight,
+    chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """KOALA-M fold mode: the measurement update, then the next predict's elementwise part.
@@ -217,6 +225,8 @@ def fold_kernel(
     b_wd = b_wd64.to(CT)
     decayed = b_wd64 != 0
     updated = b_upd != 0
+    b_u_scale = (tl.full([], 0.0, dtype=tl.float64) + u_scale).to(CT)
+    b_avg_weight = (tl.full([], 0.0, dtype=tl.float64) + avg_weight).to(CT)
     p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
     p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
     p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
@@ -245,7 +255,7 @@ def fold_kernel(
                 m_e = o_e < n
                 zero = 0.0
             b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
-            b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT) * u_scale
+            b_u = tl.load(p_ue, mask=m_e, other=zero).to(CT) * b_u_scale
             b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
             if updated:
                 b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
@@ -254,7 +264,7 @@ def fold_kernel(
                 b_du = b_cu * b_d
                 b_x1 = (b_x - b_dx).to(DT).to(CT)
                 b_u1 = (b_u - b_du).to(DT).to(CT)
-                b_a1 = (b_a + avg_weight * (b_x1 - b_a)).to(DT).to(CT)
+                b_a1 = (b_a + b_avg_weight * (b_x1 - b_a)).to(DT).to(CT)
                 tl.store(p_ae, b_a1.to(DT), mask=m_e)
             else:
                 b_x1 = b_x
@@ -271,7 +281,7 @@ def fold_kernel(
 
 def predict_kernel(
     p_chunks, p_rows, p_dist, p_pending,
-    chunk_base, x_scale, u_mult,
+    chunk_base, x_scale: tl.float64, u_mult: tl.float64,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     SCALE_U: tl.constexpr,
 ):
@@ -291,6 +301,8 @@ def predict_kernel(
     p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
     p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
     b_dist = tl.full([BLOCK], 0.0, dtype=CT)
+    b_x_scale = (tl.full([], 0.0, dtype=tl.float64) + x_scale).to(CT)
+    b_u_mult = (tl.full([], 0.0, dtype=tl.float64) + u_mult).to(CT)
     n_here = tl.minimum(n - o_start, CHUNK)
     n_full = n_here // BLOCK * BLOCK
     o_tile = o_start + tl.arange(0, BLOCK).to(tl.int64)
@@ -317,9 +329,9 @@ def predict_kernel(
             b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
             b_gap = b_a - b_x
             b_dist += b_gap * b_gap
-            tl.store(p_xe, (b_x + x_scale * b_u).to(DT), mask=m_e)
+            tl.store(p_xe, (b_x + b_x_scale * b_u).to(DT), mask=m_e)
             if SCALE_U:
-                tl.store(p_ue, (u_mult * b_u).to(DT), mask=m_e)
+                tl.store(p_ue, (b_u_mult * b_u).to(DT), mask=m_e)
     tl.store(p_dist + chunk_base + i_c, tl.reduce(b_dist, 0, SUM).to(tl.float64))
     if i_c == 0:
         tl.store(p_pending, 1)
