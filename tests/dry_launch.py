@@ -54,6 +54,8 @@ class Recorder:
 
     launches: list[Launch] = field(default_factory=list)
     loaded: dict = field(default_factory=dict)  # kernel name -> [cubin bytes, ...]
+    #: kernel name -> [signature of each compiled variant: parameter -> Triton type, e.g. "fp64"]
+    signatures: dict = field(default_factory=dict)
 
 
 class _Utils:
@@ -112,6 +114,7 @@ class DryCudaDriver:
     def launcher_cls(self, src, metadata):
         name, variant = getattr(metadata, "name", "?"), getattr(metadata, "hash", "?")
         recorder = self.recorder
+        recorder.signatures.setdefault(name, []).append(dict(getattr(src, "signature", {})))
 
         def launcher(g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
             recorder.launches.append(Launch(name, variant, (g0, g1, g2), args))

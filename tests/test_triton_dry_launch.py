@@ -162,3 +162,68 @@ def test_direct_launches_are_kept_per_device(dry):
         driver.set_current_device(0)
     assert direct.STATS["direct"] == before["direct"]
     assert direct.STATS["dispatched"] - before["dispatched"] == 3
+
+
+def _step(opt, params, gen, grads: bool):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if grads else None
+    opt.predict()
+    opt.step(loss=torch.rand(8, generator=gen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_steps_without_any_gradient_compile_and_launch(dry, variant, dtype):
+    """A step in which no parameter has a gradient (a frozen phase, a skipped backward) runs
+    the filter kernel with no tensor to measure: its stand-in arguments must have the real
+    ones' types (a float64 stand-in for the int64 slot table made a loop bound fp64).
+    First step, and after gradient steps (tables and kernels already built)."""
+    cls, kwargs, _ = VARIANTS[variant]
+    groups, params = _params(dtype)
+    opt = cls(groups, fused=True, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    for grads in (False, True, False, True, False):
+        before = len(dry.launches)
+        _step(opt, params, gen, grads)
+        assert len(dry.launches) > before
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-dim", "1", "1x1"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_models_of_one_element_compile_and_launch(dry, variant, shape):
+    """All parameters together hold one element: compiled Triton turns every integer argument
+    equal to 1 (the element count, the number of tensors) into a compile-time constant."""
+    cls, kwargs, expected = VARIANTS[variant]
+    params = [torch.randn(shape).requires_grad_()]
+    opt = cls(params, fused=True, **kwargs)
+    gen = torch.Generator().manual_seed(6)
+    per_iteration = []
+    for _ in range(3):
+        before = len(dry.launches)
+        _step(opt, params, gen, grads=True)
+        per_iteration.append(len(dry.launches) - before)
+    assert per_iteration[1:] == [expected, expected]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float_arguments_reach_the_kernels_in_float64(dry, variant):
+    """Compiled Triton passes an undeclared Python float argument as fp32 (the interpreter
+    keeps the double): every float scalar parameter of every compiled kernel must be declared
+    fp64, or float64 parameters would step with fp32(0.9) and fp32(0.1)."""
+    cls, kwargs, _ = VARIANTS[variant]
+    groups, params = _params(torch.float64)
+    opt = cls(groups, fused=True, **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        _iterate(opt, params, gen, "per-sample")
+    opt.predict()  # fold mode: a second predict before the update runs the deferred predict pass
+    _iterate(opt, params, gen, "per-sample")
+    scalars = {}
+    for name, signatures in dry.signatures.items():
+        for signature in signatures:
+            for param, ty in signature.items():
+                if isinstance(ty, str) and not ty.startswith("*") and ty.startswith(("fp", "bf")):
+                    scalars.setdefault(name, set()).add((param, ty))
+    assert scalars, "no compiled kernel took a float scalar (the test lost its subject)"
+    wrong = {name: sorted(p for p in found if p[1] != "fp64") for name, found in scalars.items()}
+    assert not any(wrong.values()), f"float scalar parameters compiled as non-fp64: {wrong}"

@@ -6,7 +6,8 @@ Each test has a CPU twin that runs in CI under Triton's interpreter
 | here (CUDA)                                   | CPU twin (interpreter)                                   |
 |-----------------------------------------------|----------------------------------------------------------|
 | test_gpu_matches_pytorch_path                 | test_float32_/test_low_precision_/test_fold_mode_matches_pytorch_path... |
-| test_gpu_graph_capture_replays_to_eager       | test_tables_are_cached_while_storages_are_stable         |
+| test_gpu_graph_capture_replays_to_eager       | test_tables_are_cached_while_storages_are_stable, test_filter_reads_between_replayed_iterations_see_each_replayed_predict |
+| test_gpu_models_of_one_element_match_pytorch_path | test_models_of_one_element_match_pytorch_path (and the dry-launch test of that name) |
 | test_gpu_step_does_not_synchronize            | test_no_host_reads_inside_predict_and_step               |
 | test_gpu_launches_do_not_depend_on_tensors    | test_launches_per_step_do_not_depend_on_the_number_of_tensors |
 | test_gpu_direct_launches_match_dispatched_launches | test_triton_dry_launch: test_direct_launches_pass_exactly_what_triton_dispatch_passes |
@@ -90,7 +91,8 @@ def test_gpu_graph_capture_replays_to_eager(variant):
     Conditions (kernels/NOTES.md): grads keep their storage (copy new values in, never set
     them to None), lr is a device tensor changed in place, the loss is a static device tensor,
     a few eager steps run first (tables, buffers and kernels are built outside the capture),
-    and the optimizer is not stepped eagerly between replays."""
+    and the optimizer is not stepped eagerly between replays. ``filter_state`` is read between
+    replays (CPU twin: ``test_filter_reads_between_replayed_iterations_see_each_replayed_predict``)."""
     cls = KoalaV if variant == "V" else KoalaM
     extra = {"fold_predict": True} if variant == "M-fold" else {}
     torch.manual_seed(0)
@@ -145,6 +147,9 @@ def test_gpu_graph_capture_replays_to_eager(variant):
         feed(graph_params, *inputs[i])
         graph.replay()  # capture does not run the work: the first replay is iteration `warmup`
         eager_step(eager, eager_params, i)
+        if i % 2:  # a read between replays applies what the replay left pending, every time
+            for key, value in eager.filter_state.items():
+                assert torch.equal(graphed.filter_state[key], value), (i, key)
     torch.cuda.synchronize()
     for a, b in zip(eager_params, graph_params):
         assert torch.equal(a, b)
@@ -269,3 +274,29 @@ def test_gpu_int64_addressing():
         assert x[i].item() == first, i
     del x, opt
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_gpu_models_of_one_element_match_pytorch_path(variant):
+    """One element in all (every integer argument equal to 1 is a compile-time constant) and a
+    step without any gradient (the filter kernel's no-tensor launch)."""
+    cls = KoalaV if variant == "V" else KoalaM
+    fold = variant == "M-fold"
+    tri_p = [torch.randn((), device=DEVICE, requires_grad=True)]
+    ref_p = [tri_p[0].detach().clone().requires_grad_()]
+    tri = cls(tri_p, fused=True, **({"fold_predict": True} if fold else {}))
+    ref = cls(ref_p, fused=False)
+    gen = torch.Generator(device=DEVICE).manual_seed(8)
+    for step in range(4):
+        tri.predict()
+        ref.predict()
+        g = None if step == 2 else torch.randn((), device=DEVICE, generator=gen)
+        tri_p[0].grad, ref_p[0].grad = g, None if g is None else g.clone()
+        loss = torch.rand(4, device=DEVICE, generator=gen)
+        tri.step(loss=loss)
+        ref.step(loss=loss)
+    with tri.posterior_weights() if fold else _null():
+        assert_close_scaled(tri_p[0], ref_p[0], 1e-5, "weight")
+    if cls is KoalaM:
+        for key in ("velocity", "xavg"):
+            assert_close_scaled(tri.state[tri_p[0]][key], ref.state[ref_p[0]][key], 1e-5, key)

@@ -705,3 +705,119 @@ def test_fused_true_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
         KoalaV([torch.randn(3, requires_grad=True)], fused=True)
     assert not KoalaV([torch.randn(3, requires_grad=True)], fused=None).uses_triton
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1"])
+@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
+def test_models_of_one_element_match_pytorch_path(variant, shape):
+    """All parameters together hold one element (compiled Triton makes every integer argument
+    equal to 1 a constant; ``tests/compiled_typing.py`` does the same here), with a step
+    without a gradient in between. CPU twin of the dry-launch test of the same name."""
+    cls = KoalaV if variant == "V" else KoalaM
+    fold = variant == "M-fold"
+    params = [torch.randn(shape, dtype=torch.float32).requires_grad_()]
+    ref_params = clone_params(params)
+    tri = cls(params, fused=True, **({"fold_predict": True} if fold else {}))
+    ref = cls(ref_params, fused=False)
+    gen = torch.Generator().manual_seed(8)
+    for step in range(4):
+        tri.predict()
+        ref.predict()
+        g = None if step == 2 else torch.randn(shape, generator=gen)
+        params[0].grad, ref_params[0].grad = g, None if g is None else g.clone()
+        loss = torch.rand(4, generator=gen)
+        tri.step(loss=loss)
+        ref.step(loss=loss)
+    with tri.posterior_weights() if fold else _null():
+        assert_close_scaled(params[0], ref_params[0], 1e-5, "weight")
+    if cls is KoalaM:
+        for key in ("velocity", "xavg"):
+            assert_close_scaled(tri.state[params[0]][key], ref.state[ref_params[0]][key], 1e-5, key)
+    if not fold:  # fold mode's filter already holds the next prior
+        for key, value in ref.filter_state.items():
+            torch.testing.assert_close(tri.filter_state[key].double(), value.double(), rtol=1e-6, atol=0.0)
+
+
+class ReplayedLaunches:
+    """A CUDA graph as the Triton path sees it: capture records an iteration's kernel launches
+    (here they also run: the iteration a real capture would leave to the first replay), and a
+    replay re-issues them with the same arguments (same tensors, same scalars) and no host code
+    of the optimizer at all."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.launches: list = []
+
+    def capture(self):
+        import contextlib
+
+        original = _triton_impl.launch
+
+        def recording(fn, grid, device, **kwargs):
+            self.launches.append((fn, grid, device, kwargs))
+            return original(fn, grid, device, **kwargs)
+
+        @contextlib.contextmanager
+        def scope():
+            self.monkeypatch.setattr(_triton_impl, "launch", recording)
+            try:
+                yield
+            finally:
+                self.monkeypatch.setattr(_triton_impl, "launch", original)
+
+        return scope()
+
+    def replay(self):
+        for fn, grid, device, kwargs in self.launches:
+            _triton_impl.launch(fn, grid, device, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["M", "M-fold"])
+def test_filter_reads_between_replayed_iterations_see_each_replayed_predict(variant, monkeypatch):
+    """Under CUDA-graph replays the host never learns that a replayed pass raised the pending
+    predict flag; ``filter_state`` and ``state_dict()`` must still apply it, at every read, not
+    only at the first read after the capture. The replayed optimizer is compared with an eager
+    one (same kernels, same order: bitwise) after every replay, reading its filter once or
+    twice, or through ``state_dict()``. CPU twin of ``test_gpu_graph_capture_replays_to_eager``
+    (which also reads the filter between replays)."""
+    monkeypatch.setattr(_triton_impl, "_buffer", _UNPOISONED_BUFFER)  # replays run no host fills
+    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    eager_params = make_params(10, torch.float32, odd_layouts=False)
+    graph_params = clone_params(eager_params)
+    eager = KoalaM(groups(eager_params), fused=True, **extra)
+    graphed = KoalaM(groups(graph_params), fused=True, **extra)
+    for p in eager_params + graph_params:
+        p.grad = torch.zeros_like(p)
+    static_loss = torch.zeros(6)
+    gen = torch.Generator().manual_seed(9)
+    inputs = [([torch.randn(p.shape, generator=gen) for p in eager_params], torch.rand(6, generator=gen))
+              for _ in range(8)]
+
+    def feed(params, i):
+        for p, g in zip(params, inputs[i][0]):
+            p.grad.copy_(g)
+        static_loss.copy_(inputs[i][1])
+
+    def iteration(opt, params, i):
+        feed(params, i)
+        opt.predict()
+        opt.step(loss=static_loss)
+
+    graph = ReplayedLaunches(monkeypatch)
+    for i in range(2):  # warm-up: tables, buffers and kernels are built outside the capture
+        iteration(eager, eager_params, i)
+        iteration(graphed, graph_params, i)
+    iteration(eager, eager_params, 2)
+    with graph.capture():
+        iteration(graphed, graph_params, 2)
+    assert graph.launches
+    for i in range(3, len(inputs)):
+        iteration(eager, eager_params, i)
+        feed(graph_params, i)
+        graph.replay()
+        reads = [graphed.filter_state] if i % 3 else [graphed.state_dict()["koala"]["filter"], graphed.filter_state]
+        for filt in reads:
+            for key, value in eager.filter_state.items():
+                assert torch.equal(filt[key], value), f"iteration {i}: filter {key}"
+        for a, b in zip(eager_params, graph_params):
+            assert torch.equal(a, b), f"iteration {i}: weights"
