@@ -133,3 +133,56 @@ def test_signature_tells_apart_what_the_tables_depend_on():
     assert _tables.signature({"x": [x.view(-1)[:8]], "g": [g]}, ("x", "g")) != base  # same data_ptr
     assert _tables.signature({"x": [x], "g": [g.clone()]}, ("x", "g")) != base
     assert _tables.signature({"x": [x], "g": [None]}, ("x", "g")) != base
+
+
+def _snapshot(opt, params):
+    """Weights, every state tensor and the filter, as exact copies."""
+    state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    filt = {k: v.clone() for k, v in opt._filter.items()}  # the raw filter: reading filter_state settles
+    return [p.detach().clone() for p in params], state, filt
+
+
+def _assert_untouched(opt, params, before):
+    weights, state, filt = before
+    for p, w in zip(params, weights):
+        assert torch.equal(p.detach(), w)
+    for i, p in enumerate(params):
+        for k, v in state[i].items():
+            assert torch.equal(opt.state[p][k], v), f"state {i} {k}"
+    for k, v in filt.items():
+        assert torch.equal(opt._filter[k], v), f"filter {k}"
+
+
+@pytest.mark.parametrize("cls, fold", [(KoalaV, False), (KoalaM, False), (KoalaM, True)], ids=["V", "M", "M-fold"])
+@pytest.mark.parametrize("change", ["dtype", "resized"])
+def test_tables_refuse_arrays_that_no_longer_match_their_parameter(interpreter, cls, fold, change):
+    """A model converted to another dtype, or a parameter replaced by one of another size, after
+    the optimizer was built: the gradient or KOALA-M's state no longer matches the parameter,
+    and a kernel would read and write them past their ends. Refused with an error that names
+    the tensor and what changed; weights, state and filter untouched."""
+    gen = torch.Generator().manual_seed(11)
+    params = _fp32_params(gen)
+    opt = cls(_groups(params), fused=True, **({"fold_predict": True} if fold else {}))
+    for _ in range(2):
+        opt.predict()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step(loss=torch.rand(4, generator=gen))
+    if change == "dtype":  # as model.double() does to the parameters (KOALA-V: the grads stay)
+        for p in params:
+            p.data = p.data.double()
+        for p in params if cls is KoalaM else ():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        message = "float32 but the parameter is torch.float64" if cls is KoalaM else "gradient.*float32"
+    else:  # a parameter replaced by a larger one (its old gradient dropped)
+        params[4].data = torch.randn(200, generator=gen)
+        params[4].grad = torch.randn(200, generator=gen)
+        message = "131 elements but the parameter has 200" if cls is KoalaM else None
+    if message is None:  # KOALA-V has no state: its gradient matches the new parameter
+        opt.step(loss=torch.rand(4, generator=gen))
+        return
+    before = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=message):
+        opt.predict()
+        opt.step(loss=torch.rand(4, generator=gen))
+    _assert_untouched(opt, params, before)

@@ -127,10 +127,47 @@ def signature(arrays: dict[str, list[Tensor | None]], roles: tuple[str, ...]) ->
     return tuple(parts)
 
 
+#: What each role is, for error messages.
+_ROLE_NAMES = {"x": "parameter", "g": "gradient", "u": "velocity (state['velocity'])",
+               "a": "weight average (state['xavg'])"}
+
+
+def check_row(index: int, row: dict[str, Tensor]) -> None:
+    """Refuse a row whose arrays do not all match its parameter's dtype, element count and
+    device: a kernel would read and write them as the parameter's type and length.
+
+    Raises:
+        ValueError: naming the tensor (its position among the step's tensors, its role) and
+            what differs; nothing has been launched yet.
+    """
+    x = row.get("x")
+    if x is None:
+        return
+    for role, t in row.items():
+        if role == "x" or t is None:
+            continue
+        what = f"the {_ROLE_NAMES[role]} of tensor {index} (a parameter of shape {tuple(x.shape)})"
+        if t.dtype != x.dtype:
+            raise ValueError(
+                f"{what} is {t.dtype} but the parameter is {x.dtype}: was the model converted to "
+                "another dtype after the optimizer was built? Build the optimizer after converting "
+                "the model (or load a state_dict into a new one)"
+            )
+        if t.numel() != x.numel():
+            raise ValueError(
+                f"{what} has {t.numel()} elements but the parameter has {x.numel()}: was the "
+                "parameter resized or replaced after the optimizer was built?"
+            )
+        if t.device != x.device:
+            raise ValueError(f"{what} is on {t.device} but the parameter is on {x.device}")
+
+
 def _bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
           mutated: tuple[str, ...]) -> tuple[list[dict[str, Tensor]], list[tuple[Tensor, str, int, bool]]]:
     """Pick, per tensor, its own storages (dense, same strides, 16-byte aligned) or staging
-    buffers (cached per owner in ``cache["stage"]``).
+    buffers (cached per owner in ``cache["stage"]``), after checking that its arrays match the
+    parameter (``check_row``). Runs whenever the signature of the arrays changes: a model
+    converted to another dtype, or a parameter replaced, moves the parameter's storage.
 
     Returns:
         rows: [n] dicts role -> the tensor a pass addresses (the caller's or a buffer).
@@ -140,6 +177,7 @@ def _bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | Non
     rows, staged = [], []
     for i in range(len(owners)):
         row = {role: arrays[role][i] for role in arrays if arrays[role][i] is not None}
+        check_row(i, row)
         first = next(iter(row.values()))
         layout = _layout(first)
         if all(_dense(t) and _layout(t) == layout and _aligned(t) for t in row.values()):
