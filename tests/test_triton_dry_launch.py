@@ -227,3 +227,39 @@ def test_float_arguments_reach_the_kernels_in_float64(dry, variant):
     assert scalars, "no compiled kernel took a float scalar (the test lost its subject)"
     wrong = {name: sorted(p for p in found if p[1] != "fp64") for name, found in scalars.items()}
     assert not any(wrong.values()), f"float scalar parameters compiled as non-fp64: {wrong}"
+
+
+def test_direct_launches_only_on_the_triton_versions_whose_launcher_was_checked():
+    """The launcher is called positionally: a Triton release whose launcher takes other
+    arguments would read an integer as an address. Unchecked releases (older or newer) and
+    ``KOALA_TRITON_DIRECT_LAUNCH=0`` dispatch every launch through ``JITFunction.run``."""
+    for version in ("3.6.0", "3.7.1", "3.8.0", "3.9.0", "3.9.1+git1234"):
+        assert direct.enabled_for(version, None)
+        assert direct.enabled_for(version, "1")
+        assert not direct.enabled_for(version, "0")
+        assert not direct.enabled_for(version, None, has_knobs=False)
+    for version in ("3.4.0", "3.5.1", "3.10.0", "4.0.0", "main", ""):
+        assert not direct.enabled_for(version, None), version
+    import triton
+
+    major_minor = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    assert direct.ENABLED == (major_minor in direct.CHECKED_VERSIONS and
+                              __import__("os").environ.get("KOALA_TRITON_DIRECT_LAUNCH") != "0")
+
+
+def test_a_compiled_kernel_whose_signature_is_not_the_kernels_parameters_is_never_launched_directly(dry, monkeypatch):
+    """A compiled kernel is launched directly only if its signature (what its launcher was
+    generated from) lists exactly the kernel's parameters in order; here every kernel seems to
+    have one parameter more than its compiled form, so every launch is dispatched."""
+    if not direct.ENABLED:
+        pytest.skip(f"direct launches are off with this triton ({__import__('triton').__version__})")
+    real = direct._parameter_names
+    monkeypatch.setattr(direct, "_parameter_names", lambda fn: real(fn) + ["an_extra_argument"])
+    groups, params = _params(torch.float32)
+    opt = KoalaV(groups, fused=True)
+    gen = torch.Generator().manual_seed(8)
+    before = dict(direct.STATS)
+    for _ in range(3):
+        _iterate(opt, params, gen, "per-sample")
+    assert direct.STATS["direct"] == before["direct"]
+    assert direct.STATS["dispatched"] - before["dispatched"] == 9

@@ -18,10 +18,13 @@ value; floats and constexprs are keyed by value though Triton needs less). Launc
 (``num_warps``, ...) are part of the key. What ``run`` also re-checks, that the globals a kernel
 read are unchanged, holds here by construction (``constants.py``: they are never reassigned).
 
-Off with ``KOALA_TRITON_DIRECT_LAUNCH=0`` (every launch then goes through ``JITFunction.run``),
-and off by itself with a Triton older than 3.4 or whose compiled kernels lack the attributes
-used here. Checked against ``JITFunction.run`` with triton 3.6 and 3.9
-(``tests/test_triton_dry_launch.py``).
+The launcher is called positionally, so a Triton whose launcher takes other arguments would
+read an integer as an address. Direct launches are therefore on only for the Triton versions
+in ``CHECKED_VERSIONS``, whose launchers ``tests/test_triton_dry_launch.py`` checked against
+``JITFunction.run`` argument for argument; any other version, newer ones included, uses
+``JITFunction.run`` for every launch. And a compiled kernel is launched directly only if its
+signature lists exactly the kernel's parameters, in order (the arguments handed over).
+``KOALA_TRITON_DIRECT_LAUNCH=0`` turns direct launches off everywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import operator
 import os
 
 import torch
+import triton
 from triton.runtime.driver import driver
 
 try:
@@ -38,13 +42,28 @@ try:
 except ImportError:  # triton < 3.4 has no knobs module: every launch goes through run()
     knobs = None
 
-ENABLED = knobs is not None and os.environ.get("KOALA_TRITON_DIRECT_LAUNCH", "1") != "0"
+#: (major, minor) of the Triton releases whose launcher was checked (see the module docstring).
+CHECKED_VERSIONS = frozenset({(3, 6), (3, 7), (3, 8), (3, 9)})
+
+
+def enabled_for(version: str, setting: str | None, has_knobs: bool = True) -> bool:
+    """Whether direct launches are used with Triton ``version`` and the environment
+    ``setting`` of ``KOALA_TRITON_DIRECT_LAUNCH`` (None when unset)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return has_knobs and setting != "0" and (major, minor) in CHECKED_VERSIONS
+
+
+ENABLED = enabled_for(triton.__version__, os.environ.get("KOALA_TRITON_DIRECT_LAUNCH"), knobs is not None)
 _MAX_KEYS = 64  # per kernel; steady training reuses a handful
 
 #: Launches since import: through ``JITFunction.run`` ("dispatched") and direct ("direct").
 STATS = {"dispatched": 0, "direct": 0}
 
 _arguments: dict[int, object] = {}
+_names: dict[int, list[str]] = {}
 _compiled: dict[tuple[int, int], dict] = {}  # (kernel, device) -> key -> compiled kernel
 _tensor = torch.Tensor
 
@@ -78,8 +97,22 @@ def argument_key(kwargs: dict) -> tuple:
     return tuple(parts)
 
 
-def usable(compiled) -> bool:
-    return all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata"))
+def usable(compiled, fn) -> bool:
+    """A compiled kernel may be launched directly: it has the launcher's attributes, and its
+    signature (what its launcher was generated from) is exactly ``fn``'s parameters in order,
+    the arguments a direct launch hands over."""
+    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+        return False
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    return isinstance(signature, dict) and list(signature) == _parameter_names(fn)
+
+
+def _parameter_names(fn) -> list[str]:
+    names = _names.get(id(fn))
+    if names is None:
+        names = list(inspect.signature(fn).parameters)
+        _names[id(fn)] = names
+    return names
 
 
 def launch(fn, jit, grid: tuple[int, ...], kwargs: dict) -> None:
@@ -102,7 +135,7 @@ def launch(fn, jit, grid: tuple[int, ...], kwargs: dict) -> None:
     if compiled is None:
         STATS["dispatched"] += 1
         compiled = jit[grid](**kwargs)
-        if compiled is not None and usable(compiled):
+        if compiled is not None and usable(compiled, fn):
             if len(per_kernel) >= _MAX_KEYS:
                 per_kernel.clear()
             per_kernel[key] = compiled
