@@ -133,6 +133,33 @@ def count_launches(fn: Callable[[], None], device: torch.device) -> dict:
             "launches_counted": "top-level ATen ops (CPU)"}
 
 
+def cuda_kernel_times(fn: Callable[[], None], calls: int) -> dict[str, tuple[float, int]]:
+    """Device time of every CUDA kernel that ``calls`` calls of ``fn`` launch, by kernel name:
+    (total µs over all the calls, launches), from torch.profiler's CUDA activity.
+
+    Names are as the driver reports them (a Triton kernel under its function's name, e.g.
+    ``norms_kernel``); memcpy/memset activities are listed under their names too."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+    times: dict[str, tuple[float, int]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        if "annotation" in str(getattr(e, "activity_type", "") or ""):
+            continue
+        us, n = times.get(e.name, (0.0, 0))
+        times[e.name] = (us + e.time_range.elapsed_us(), n + 1)
+    return times
+
+
 def count_host_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
     """Synchronising CUDA calls made by one call of ``fn``, caught by
     ``torch.cuda.set_sync_debug_mode("warn")`` (the counting form of "error").

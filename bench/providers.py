@@ -55,7 +55,8 @@ def _random_losses(device: torch.device) -> torch.Tensor:
     return torch.rand(N_LOSSES, generator=gen, device=device, dtype=torch.float32) + 0.5
 
 
-def _koala_stepper(opt, device) -> Stepper:
+def koala_stepper(opt, device) -> Stepper:
+    """One KOALA iteration: ``predict()``, then ``step(loss=...)`` with a fixed random loss vector."""
     loss = _random_losses(device)
 
     def iterate():
@@ -80,13 +81,13 @@ def _koala(name: str, fused: bool, **options):
             opt = cls(params, fused=fused, **options)
         except NotImplementedError as exc:
             raise ProviderUnavailable(f"{name}(fused={fused}): {exc}") from exc
-        return _koala_stepper(opt, params[0].device)
+        return koala_stepper(opt, params[0].device)
     return build
 
 
 def _official(cls):
     def build(params):
-        return _koala_stepper(cls(params), params[0].device)
+        return koala_stepper(cls(params), params[0].device)
     return build
 
 
