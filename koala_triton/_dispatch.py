@@ -29,7 +29,7 @@ def resolve(fused: bool | None, device: torch.device) -> bool:
     if fused is False:
         return False
     if fused is None:
-        return device.type == "cuda" and triton_available() and kernels_implemented()
+        return device.type == "cuda" and triton_available()
     if not triton_available():
         raise NotImplementedError(
             "fused=True needs the triton package, which is not installed; use fused=None or "
@@ -47,23 +47,13 @@ def resolve(fused: bool | None, device: torch.device) -> bool:
     )
 
 
-def kernels_implemented() -> bool:
-    """Whether the Triton path exists in this version of the package."""
-    return True
-
-
-def implementation(use_triton: bool):
-    """The module that runs the passes: ``_triton_impl`` or ``_torch_impl``.
-
-    Both expose ``loss_moments``, ``koala_v_predict``, ``koala_v_update``, ``koala_m_predict``
-    and ``koala_m_update`` with identical signatures (the Triton module adds the fold-mode
-    functions and ``settle_filter``); triton is imported only here, on first use of the Triton
-    path.
-    """
+def backend(use_triton: bool):
+    """The backend that runs the passes (``_backend.Backend``): ``TritonBackend`` or
+    ``TorchBackend``. triton is imported only here, on first use of the Triton path."""
     if use_triton:
-        from . import _triton_impl
+        from ._triton_backend import TritonBackend
 
-        return _triton_impl
-    from . import _torch_impl
+        return TritonBackend()
+    from ._torch_backend import TorchBackend
 
-    return _torch_impl
+    return TorchBackend()

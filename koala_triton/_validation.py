@@ -12,7 +12,8 @@ from numbers import Real
 import torch
 
 
-def _as_float(name: str, value) -> float:
+def as_float(name: str, value) -> float:
+    """``value`` as a float (a real number or a one-element real tensor), or a TypeError naming it."""
     if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
@@ -25,7 +26,7 @@ def _as_float(name: str, value) -> float:
 
 def check_nonnegative(name: str, value) -> float:
     """Return ``value`` as a float after checking that it is finite and >= 0."""
-    x = _as_float(name, value)
+    x = as_float(name, value)
     if not (math.isfinite(x) and x >= 0.0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return x
@@ -33,7 +34,7 @@ def check_nonnegative(name: str, value) -> float:
 
 def check_in_interval(name: str, value, low: float, high: float, *, high_open: bool) -> float:
     """Return ``value`` as a float after checking ``low <= value <= high`` (or ``< high``)."""
-    x = _as_float(name, value)
+    x = as_float(name, value)
     upper_ok = x < high if high_open else x <= high
     if not (math.isfinite(x) and x >= low and upper_ok):
         bracket = ")" if high_open else "]"

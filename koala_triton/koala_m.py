@@ -72,7 +72,7 @@ class KoalaM(KoalaOptimizer):
     ):
         sw_f = _validation.check_nonnegative("sw", sw)
         sv_f = _validation.check_nonnegative("sv", sv)
-        sc_f = _validation._as_float("sc", sc)
+        sc_f = _validation.as_float("sc", sc)
         _validation.check_psd_2x2(sw_f, sc_f, sv_f)
         hyper = dict(
             sw=sw_f,
@@ -86,16 +86,14 @@ class KoalaM(KoalaOptimizer):
         )
         fold = _validation.check_bool("fold_predict", fold_predict)
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
-        if fold and not self._use_triton:
+        if fold and not self._backend.supports_fold:
             raise ValueError(
                 "fold_predict=True folds predict into the Triton update pass: it needs the Triton "
                 "path (fused=True, or CUDA parameters with fused=None)"
             )
         self._fold = fold
-        #: fold mode: the last update already performed the next predict (predict() skips it)
-        self._fold_pending = False
-        #: fold mode: predicts applied since the last update (the velocity buffer holds u⁺)
-        self._fold_predicts = 0
+
+    _STATE_KEYS = ("velocity", "xavg")
 
     def _init_param_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
@@ -109,38 +107,22 @@ class KoalaM(KoalaOptimizer):
             "R": 1.0 if h["r"] is None else h["r"],
         }
 
-    def _state_lists(self, params: list[torch.Tensor], store: dict) -> tuple[list, list]:
-        """(velocities, averages) of ``params``, cached in ``store`` (a step layout's or the
-        optimizer's host cache, both dropped whenever the state tensors are replaced)."""
-        lists = store.get("state")
-        if lists is None:
-            lists = ([self.state[p]["velocity"] for p in params], [self.state[p]["xavg"] for p in params])
-            store["state"] = lists
-        return lists
-
-    def _all_state_lists(self) -> tuple[list, list, list]:
-        params = self._all_params()  # first: a rebuilt flat list clears the host cache
-        return (params, *self._state_lists(params, self._host_cache.setdefault("all", {})))
+    def _fold_mode(self) -> bool:
+        return self._fold
 
     def _predict(self) -> None:
-        params, velocities, averages = self._all_state_lists()
+        params, velocities, averages = self._planner.all_state_lists(self.param_groups, self.state, self._STATE_KEYS)
         h = self._hyper
-        if self._fold:
-            if self._fold_pending:  # the last update did it
-                self._fold_pending = False
-                return
-            self._impl.koala_m_predict_deferred(
-                params, velocities, averages, self._filter, a=h["a"], qv=h["qv"],
-                position_scale=h["a"] ** self._fold_predicts, cache=self._impl_cache,
+        if self._fold:  # a predict the last update did not perform (the first, or a second one)
+            self._backend.koala_m_predict_deferred(
+                params, velocities, averages, self._filter, self._state, a=h["a"], qv=h["qv"],
+                position_scale=h["a"] ** self._predict_state.time_updates,
             )
-            self._fold_predicts += 1
             return
-        self._impl.koala_m_predict(
-            params, velocities, averages, self._filter, a=h["a"], qv=h["qv"], cache=self._impl_cache,
-        )
+        self._backend.koala_m_predict(params, velocities, averages, self._filter, self._state, a=h["a"], qv=h["qv"])
 
     def _implicit_predict(self) -> None:
-        if self._fold_pending:  # fold mode: the last update already predicted, no warning
+        if self._predict_state.folded:  # fold mode: the last update already predicted, no warning
             self.predict()
             return
         if not self._warned_implicit_predict:
@@ -153,23 +135,21 @@ class KoalaM(KoalaOptimizer):
             self._warned_implicit_predict = True
         self.predict()
 
-    def _measure(self, loss, loss_sq_mean) -> None:
+    def _measure(self, loss) -> None:
         plan = self._plan()
         h = self._hyper
         if self._fold:
-            params, velocities, averages = self._all_state_lists()
-            self._impl.koala_m_update_folded(
-                plan, params, velocities, averages, self._filter, loss, loss_sq_mean,
+            params, velocities, averages = self._planner.all_state_lists(self.param_groups, self.state,
+                                                                         self._STATE_KEYS)
+            self._backend.koala_m_update_folded(
+                plan, params, velocities, averages, self._filter, loss, self._state,
                 r=h["r"], alpha_r=h["alpha_r"], a=h["a"], qv=h["qv"],
-                velocity_scale=h["a"] ** self._fold_predicts, cache=self._impl_cache,
+                velocity_scale=h["a"] ** self._predict_state.time_updates,
             )
-            self._fold_pending = True
-            self._fold_predicts = 1
             return
-        velocities, averages = self._state_lists(plan.params, plan.layout.lists)
-        self._impl.koala_m_update(
-            plan, velocities, averages, self._filter, loss, loss_sq_mean,
-            r=h["r"], alpha_r=h["alpha_r"], cache=self._impl_cache,
+        velocities, averages = self._planner.state_lists(plan, self.state, self._STATE_KEYS)
+        self._backend.koala_m_update(
+            plan, velocities, averages, self._filter, loss, self._state, r=h["r"], alpha_r=h["alpha_r"],
         )
 
     # ------------------------------------------------------------------ fold mode
@@ -189,16 +169,17 @@ class KoalaM(KoalaOptimizer):
                 val_loss = evaluate(model)
         """
         if not self._fold:
-            if self._predicted:
+            if self._predict_state.requested:
                 raise RuntimeError("posterior_weights(): between predict() and the update the "
                                    "posterior of this step does not exist yet")
             yield
             return
-        if self._fold_predicts == 0:
+        j = self._predict_state.time_updates
+        if j == 0:
             yield
             return
         a = self._hyper["a"]
-        shift = sum(a ** i for i in range(self._fold_predicts))
+        shift = sum(a ** i for i in range(j))
         params = self._all_params()
         with torch.no_grad():
             saved = [p.detach().clone() for p in params]
@@ -211,22 +192,11 @@ class KoalaM(KoalaOptimizer):
                 for p, s in zip(params, saved):
                     p.copy_(s)
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        if self._fold:
-            state["koala"]["fold"] = {"pending": self._fold_pending, "predicts": self._fold_predicts}
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        fold = (state_dict.get("koala") or {}).get("fold")
-        predicted = bool((state_dict.get("koala") or {}).get("predicted", False))
+    def _check_checkpoint_mode(self, koala: dict) -> None:
+        fold = koala.get("fold")
         if fold is not None and fold["predicts"] > 0 and not self._fold:
             raise ValueError("this state_dict was saved by KoalaM(fold_predict=True) between steps (its "
                              "weights are predicted): load it into KoalaM(fold_predict=True)")
-        if fold is None and self._fold and predicted:
+        if fold is None and self._fold and koala.get("predicted", False):
             raise ValueError("this state_dict was saved between predict() and the update without "
                              "fold_predict: load it into KoalaM(fold_predict=False)")
-        super().load_state_dict(state_dict)
-        if self._fold:
-            self._fold_pending = bool(fold["pending"]) if fold else False
-            self._fold_predicts = int(fold["predicts"]) if fold else 0

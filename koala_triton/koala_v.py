@@ -76,13 +76,13 @@ class KoalaV(KoalaOptimizer):
         return {"p": h["sigma"], "R": 1.0 if h["r"] is None else h["r"]}
 
     def _predict(self) -> None:
-        # PyTorch path: p += q now. Triton path: counted on the host and added by the next
-        # filter kernel (or by settle_filter when filter_state / state_dict is read first).
-        self._impl.koala_v_predict(self._filter, q=self._hyper["q"], cache=self._impl_cache)
+        # PyTorch path: p += q now. Triton path: deferred into the next filter kernel (or
+        # applied by settle when filter_state / state_dict is read first).
+        self._backend.koala_v_predict(self._filter, self._state, q=self._hyper["q"])
 
-    def _measure(self, loss, loss_sq_mean) -> None:
+    def _measure(self, loss) -> None:
         h = self._hyper
-        self._impl.koala_v_update(
-            self._plan(), self._filter, loss, loss_sq_mean,
-            r=h["r"], alpha_r=h["alpha_r"], raw_grad_step=h["raw_grad_step"], cache=self._impl_cache,
+        self._backend.koala_v_update(
+            self._plan(), self._filter, loss, self._state,
+            r=h["r"], alpha_r=h["alpha_r"], raw_grad_step=h["raw_grad_step"],
         )

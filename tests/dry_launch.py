@@ -29,7 +29,7 @@ triton = __import__("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver as _driver_config  # noqa: E402
 
-from koala_triton import _triton_impl  # noqa: E402
+from koala_triton import _triton_backend  # noqa: E402
 from koala_triton.kernels import direct as _direct  # noqa: E402
 from koala_triton.kernels import launch as _launch  # noqa: E402
 
@@ -148,8 +148,8 @@ def dry_cuda(monkeypatch):
     with CUDA block sizes, into a ``Recorder`` (yielded). Needs ``TRITON_INTERPRET=1`` set
     (only so that ``fused=True`` accepts CPU tensors: the interpreter is not used)."""
     recorder = Recorder()
-    monkeypatch.setattr(_triton_impl, "launch", _launch_dry)
-    monkeypatch.setattr(_triton_impl, "blocks_for", lambda device: _launch.CUDA_BLOCKS)
+    monkeypatch.setattr(_triton_backend, "launch", _launch_dry)
+    monkeypatch.setattr(_triton_backend, "blocks_for", lambda device: _launch.CUDA_BLOCKS)
     # a private kernel cache: JITFunctions made under the dry driver stay with it
     wrapped: dict = {}
     monkeypatch.setattr(_launch, "_wrapped", wrapped)

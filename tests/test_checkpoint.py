@@ -99,5 +99,5 @@ def test_checkpoint_between_predict_and_update_resumes_the_pending_update():
     snapshot = [p.detach().clone() for p in params]
     opt2 = KoalaM([p.clone().requires_grad_() for p in snapshot])
     opt2.load_state_dict(sd)
-    assert opt2._predicted is True
+    assert opt2._predict_state.requested is True
     assert torch.equal(opt2.filter_state["Pxx"], opt.filter_state["Pxx"])

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from koala_triton.kernels import filter as filter_module  # noqa: E402
+from koala_triton.kernels import kalman as filter_module  # noqa: E402
 from koala_triton.kernels import passes  # noqa: E402
 from koala_triton.kernels.launch import CUDA_BLOCKS  # noqa: E402
 

@@ -40,14 +40,14 @@ import torch
 pytest.importorskip("triton")
 
 from koala_triton import KoalaM, KoalaV  # noqa: E402
-from koala_triton import _triton_impl  # noqa: E402
+from koala_triton import _triton_backend  # noqa: E402
 from koala_triton.kernels import tables as _tables  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
 STEPS = 15
 #: The real scratch-buffer getter (``poisoned_scratch`` wraps it with a NaN fill per use).
-_UNPOISONED_BUFFER = _triton_impl._buffer
+_UNPOISONED_BUFFER = _triton_backend._buffer
 ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
@@ -86,14 +86,14 @@ def round_bf16_like_the_gpu(monkeypatch):
 @pytest.fixture(autouse=True)
 def poisoned_scratch(monkeypatch):
     """Every scratch buffer handed to a kernel is NaN until the kernel writes it."""
-    original = _triton_impl._buffer
+    original = _triton_backend._buffer
 
     def poisoned(cache, name, numel, dtype, device):
         buf = original(cache, name, numel, dtype, device)
         buf.fill_(float("nan"))
         return buf
 
-    monkeypatch.setattr(_triton_impl, "_buffer", poisoned)
+    monkeypatch.setattr(_triton_backend, "_buffer", poisoned)
 
 
 # ------------------------------------------------------------------------------------ cases
@@ -361,7 +361,7 @@ def test_mixed_dtypes_launch_once_per_dtype_and_match():
 class LaunchCounter:
     """Counts all device work of a scope: Triton launches and torch ops that would be kernels.
 
-    Method: ``_triton_impl.launch`` is wrapped to count each launch, and the launch itself runs
+    Method: ``_triton_backend.launch`` is wrapped to count each launch, and the launch itself runs
     with every dispatch mode disabled, so the tensor work Triton's interpreter does on the host
     is not counted. Everything else our code issues inside the scope goes through an aten
     ``TorchDispatchMode``, which records each op; ops that never launch a device kernel on a
@@ -397,7 +397,7 @@ class LaunchCounter:
 
         @contextlib.contextmanager
         def scope():
-            original = _triton_impl.launch
+            original = _triton_backend.launch
             launches = [0]
 
             def counted(*args, **kwargs):
@@ -405,13 +405,13 @@ class LaunchCounter:
                 with _disable_current_modes():  # the interpreter's own tensor work is not ours
                     return original(*args, **kwargs)
 
-            _triton_impl.launch = counted
+            _triton_backend.launch = counted
             mode = AtenCounter()
             try:
                 with mode:
                     yield
             finally:
-                _triton_impl.launch = original
+                _triton_backend.launch = original
                 counter.per_call.append(launches[0])
                 counter.torch_ops.append(mode.ops)
                 counter.torch_per_call.append(sum(not op.startswith(self.NO_KERNEL) for op in mode.ops))
@@ -448,7 +448,7 @@ def test_launches_per_step_do_not_depend_on_the_number_of_tensors(variant, monke
     counted on the host, the loss moments are taken in the filter kernel), M 4 (predict;
     norms, filter, update), M-fold 3, and no torch op that would launch a device kernel.
     (The test-only NaN poisoning of scratch buffers, a fill per use, is switched off here.)"""
-    monkeypatch.setattr(_triton_impl, "_buffer", _UNPOISONED_BUFFER)
+    monkeypatch.setattr(_triton_backend, "_buffer", _UNPOISONED_BUFFER)
     cls = KoalaV if variant.startswith("V") else KoalaM
     kwargs = {"fold_predict": True} if variant == "M-fold" else {"r": 0.5} if variant == "V-r" else {}
     few, ops = _steady_state_counts(cls, 20, **kwargs)
@@ -499,7 +499,7 @@ def test_no_host_reads_inside_predict_and_step(monkeypatch):
     params = make_params(20, torch.float32)
     opt = KoalaM(groups(params), fused=True)
     names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
-    original_launch = _triton_impl.launch
+    original_launch = _triton_backend.launch
 
     def boom(name):
         def raiser(self, *args, **kwargs):
@@ -521,7 +521,7 @@ def test_no_host_reads_inside_predict_and_step(monkeypatch):
     for step in range(3):
         grads = grads_for_step(params, step, gen, torch.float32)
         with monkeypatch.context() as m:
-            m.setattr(_triton_impl, "launch", launch_with_reads_allowed)
+            m.setattr(_triton_backend, "launch", launch_with_reads_allowed)
             for name in names:
                 m.setattr(torch.Tensor, name, boom(name))
             opt.predict()
@@ -697,7 +697,7 @@ def test_fold_mode_needs_the_triton_path_and_checkpoints_stay_in_their_mode(monk
         KoalaM([torch.randn(3, requires_grad=True)], fused=True).load_state_dict(state)
     again = KoalaM([p[0].detach().clone().requires_grad_()], fused=True, fold_predict=True)
     again.load_state_dict(state)
-    assert again._fold_pending and again._fold_predicts == 1
+    assert again._predict_state.folded and again._predict_state.time_updates == 1
 
 
 def test_fused_true_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
@@ -751,7 +751,7 @@ class ReplayedLaunches:
     def capture(self):
         import contextlib
 
-        original = _triton_impl.launch
+        original = _triton_backend.launch
 
         def recording(fn, grid, device, **kwargs):
             self.launches.append((fn, grid, device, kwargs))
@@ -759,17 +759,17 @@ class ReplayedLaunches:
 
         @contextlib.contextmanager
         def scope():
-            self.monkeypatch.setattr(_triton_impl, "launch", recording)
+            self.monkeypatch.setattr(_triton_backend, "launch", recording)
             try:
                 yield
             finally:
-                self.monkeypatch.setattr(_triton_impl, "launch", original)
+                self.monkeypatch.setattr(_triton_backend, "launch", original)
 
         return scope()
 
     def replay(self):
         for fn, grid, device, kwargs in self.launches:
-            _triton_impl.launch(fn, grid, device, **kwargs)
+            _triton_backend.launch(fn, grid, device, **kwargs)
 
 
 @pytest.mark.parametrize("variant", ["M", "M-fold"])
@@ -780,7 +780,7 @@ def test_filter_reads_between_replayed_iterations_see_each_replayed_predict(vari
     one (same kernels, same order: bitwise) after every replay, reading its filter once or
     twice, or through ``state_dict()``. CPU twin of ``test_gpu_graph_capture_replays_to_eager``
     (which also reads the filter between replays)."""
-    monkeypatch.setattr(_triton_impl, "_buffer", _UNPOISONED_BUFFER)  # replays run no host fills
+    monkeypatch.setattr(_triton_backend, "_buffer", _UNPOISONED_BUFFER)  # replays run no host fills
     extra = {"fold_predict": True} if variant == "M-fold" else {}
     eager_params = make_params(10, torch.float32, odd_layouts=False)
     graph_params = clone_params(eager_params)

@@ -1,4 +1,5 @@
-"""What the kernels read as globals: compile-time integers and reduction combine functions.
+"""What the kernels read as globals: compile-time integers, the table columns, and reduction
+combine functions; and the ``triton_kernel`` marker.
 
 Triton checks, at every launch, that each global a kernel read when it was compiled still has
 its value (``JITFunction.run``: ``globals_dict[name] != saved_copy``). For a ``tl.constexpr``
@@ -30,3 +31,25 @@ class constant(tl.constexpr):  # noqa: N801 (reads like tl.constexpr at the defi
 # functions to numpy directly. Compiled, the result is the same code as tl.sum/tl.max.
 SUM = tl.standard._sum_combine
 MAX = tl.standard._elementwise_max
+
+
+#: Columns of a table row (``tables.py`` writes them, the passes read them): the addresses of
+#: the weights x, gradient g, velocity u and weight average xavg, the element count and the
+#: slot; padded to 8 (a row is 64 bytes).
+COL_X = constant(0)
+COL_G = constant(1)
+COL_U = constant(2)
+COL_A = constant(3)
+COL_NUMEL = constant(4)
+COL_SLOT = constant(5)
+NCOL = constant(8)
+
+#: Address alignment the host guarantees (bytes); see ``tables.prepare``.
+ALIGN = constant(16)
+
+
+def triton_kernel(fn):
+    """Marks a plain function as a Triton kernel (``launch.py`` compiles or interprets it per
+    device, so kernels are not ``@triton.jit``-decorated at import). Returns ``fn`` itself."""
+    fn.is_triton_kernel = True
+    return fn

@@ -43,21 +43,10 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .constants import SUM, constant
-
-#: Address alignment the host guarantees (bytes); see ``tables.prepare``.
-ALIGN = constant(16)
-
-# Row columns (tables.py).
-COL_X = constant(0)
-COL_G = constant(1)
-COL_U = constant(2)
-COL_A = constant(3)
-COL_NUMEL = constant(4)
-COL_SLOT = constant(5)
-NCOL = constant(8)
+from .constants import ALIGN, COL_A, COL_G, COL_NUMEL, COL_SLOT, COL_U, COL_X, NCOL, SUM, triton_kernel
 
 
+@triton_kernel
 def norms_kernel(
     p_chunks, p_rows, p_wd, p_partials,
     chunk_base,
@@ -120,6 +109,7 @@ def norms_kernel(
     tl.store(p_out + 2, s_xx)
 
 
+@triton_kernel
 def update_kernel(
     p_chunks, p_rows, p_wd, p_coef,
     chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
@@ -193,6 +183,7 @@ def update_kernel(
                     tl.store(p_ae, b_a1.to(DT), mask=m_e)
 
 
+@triton_kernel
 def fold_kernel(
     p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending,
     chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
@@ -279,6 +270,7 @@ def fold_kernel(
         tl.store(p_pending, 1)
 
 
+@triton_kernel
 def predict_kernel(
     p_chunks, p_rows, p_dist, p_pending,
     chunk_base, x_scale: tl.float64, u_mult: tl.float64,

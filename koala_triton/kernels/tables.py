@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import constants
 from .launch import Blocks
 
-#: Columns of a row. Kept in sync with the constexpr copies in ``passes.py``.
-COL_X, COL_G, COL_U, COL_A, COL_NUMEL, COL_SLOT = 0, 1, 2, 3, 4, 5
-NCOL = 8  # padded: a row is 64 bytes
+#: Columns of a row (defined once, in ``constants.py``, where the kernels read them too).
+COL_X, COL_G, COL_U, COL_A = (c.value for c in (constants.COL_X, constants.COL_G, constants.COL_U, constants.COL_A))
+COL_NUMEL, COL_SLOT, NCOL = (c.value for c in (constants.COL_NUMEL, constants.COL_SLOT, constants.NCOL))
 
 ROLES = ("x", "g", "u", "a")
 _NONE_TYPE = type(None)
@@ -75,6 +76,19 @@ def _layout(t: Tensor) -> tuple:
 
 def _aligned(t: Tensor) -> bool:
     return t.numel() == 0 or t.data_ptr() % 16 == 0
+
+
+@dataclass
+class TableCache:
+    """Prepared tables per pass kind and signature, and staging buffers per tensor.
+
+    Attributes:
+        entries: pass kind -> signature -> ``Prepared`` (least recently used first).
+        staging: (owner id, role) -> the contiguous buffer an odd-layout array is staged in.
+    """
+
+    entries: dict[str, OrderedDict] = field(default_factory=dict)
+    staging: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,10 +176,10 @@ def check_row(index: int, row: dict[str, Tensor]) -> None:
             raise ValueError(f"{what} is on {t.device} but the parameter is on {x.device}")
 
 
-def _bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
+def _bind(cache: TableCache, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
           mutated: tuple[str, ...]) -> tuple[list[dict[str, Tensor]], list[tuple[Tensor, str, int, bool]]]:
     """Pick, per tensor, its own storages (dense, same strides, 16-byte aligned) or staging
-    buffers (cached per owner in ``cache["stage"]``), after checking that its arrays match the
+    buffers (cached per owner in ``cache.staging``), after checking that its arrays match the
     parameter (``check_row``). Runs whenever the signature of the arrays changes: a model
     converted to another dtype, or a parameter replaced, moves the parameter's storage.
 
@@ -173,7 +187,7 @@ def _bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | Non
         rows: [n] dicts role -> the tensor a pass addresses (the caller's or a buffer).
         staged: (buffer, role, row, copied back) for each staged array.
     """
-    stage = cache.setdefault("stage", {})
+    stage = cache.staging
     rows, staged = [], []
     for i in range(len(owners)):
         row = {role: arrays[role][i] for role in arrays if arrays[role][i] is not None}
@@ -196,7 +210,7 @@ def _bind(cache: dict, owners: list[Tensor], arrays: dict[str, list[Tensor | Non
     return rows, staged
 
 
-def prepare(cache: dict, kind: str, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
+def prepare(cache: TableCache, kind: str, owners: list[Tensor], arrays: dict[str, list[Tensor | None]],
             mutated: tuple[str, ...], keyed: tuple[str, ...], build, extra_key=()) -> Prepared:
     """The cached tables of a pass over ``arrays`` (role -> [n] tensors, None: absent).
 
@@ -205,12 +219,12 @@ def prepare(cache: dict, kind: str, owners: list[Tensor], arrays: dict[str, list
         mutated: roles the pass writes (their staging buffers are copied back).
         keyed: roles whose storages may change between steps (the parameters first, then the
             gradients); the others (KOALA-M's state) are the optimizer's own tensors, replaced
-            only by ``load_state_dict``, which clears ``cache``.
+            only by ``load_state_dict``, after which the optimizer starts a new cache.
         build: rows -> tuple of Tables, run only when the signature is new.
         extra_key: anything else the tables depend on (e.g. the slots).
     """
     key = (extra_key, signature(arrays, keyed))
-    entries: OrderedDict = cache.setdefault(("prepared", kind), OrderedDict())
+    entries: OrderedDict = cache.entries.setdefault(kind, OrderedDict())
     hit = entries.get(key)
     if hit is not None:
         entries.move_to_end(key)

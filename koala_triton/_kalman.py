@@ -2,8 +2,8 @@
 
 All quantities are 0-dim or 1-D float64 tensors on the parameters' device, so nothing here
 synchronises with the host; "branches" on device values are ``torch.where`` masks.
-The closed forms are derived in ``oracle/`` (and ../shared/KOALA.md §2-§4); this module only
-evaluates them. Per-tensor vectors have one entry per parameter tensor that has a gradient
+The closed forms are derived in ``oracle/`` (see oracle/README.md); this module only evaluates
+them. Per-tensor vectors have one entry per parameter tensor that has a gradient
 this step, in the order the caller chose.
 
 Filter state keys (``filter_state`` of the optimizers):
@@ -24,7 +24,7 @@ from torch import Tensor
 FLOAT = torch.float64
 COUNT = torch.int64
 
-#: The EMA factor of the official code for qx and for the weight average xavg (KOALA.md §3).
+#: The EMA factor of the official code for qx and for the weight average xavg.
 QX_BETA = 0.9
 
 
@@ -45,7 +45,8 @@ def predict_m(filt: dict[str, Tensor], distance: Tensor, *, a: float, qv: float)
     """KOALA-M time update of the covariance, P̂ = F P Fᵀ + diag(qx, qv), F = [[1, 1], [0, a]].
 
     Args:
-        distance: 0-dim float64, D = ‖xavg − x‖₂ / n over all parameters (KOALA.md §3).
+        distance: 0-dim float64, D = ‖xavg − x‖₂ / n over all parameters (the official code's
+            Euclidean norm, not squared).
     """
     qx = filt["qx"]
     qx.mul_(QX_BETA).add_((1.0 - QX_BETA) * distance)
@@ -94,6 +95,55 @@ class Gains:
     updated: Tensor
 
 
+class IsotropicCovariance:
+    """KOALA-V's covariance P = p·I (filter entry ``p``): the weights alone are the state."""
+
+    keys = ("p",)
+    velocity = False
+
+    @staticmethod
+    def gain_terms(filt: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(P̂xx, P̂ux or None): the prior terms of the weight and velocity gains."""
+        return filt["p"], None
+
+    @staticmethod
+    def contract(filt: dict[str, Tensor], *, largest: Tensor, noise: Tensor, s_max: Tensor, rho: Tensor,
+                 informative: Tensor) -> None:
+        """p⁺ = ρ·p̂ (stable form of p̂ − p̂²·G/S)."""
+        filt["p"].mul_(rho)
+
+
+class MomentumCovariance:
+    """KOALA-M's covariance [[Pxx, Pxu], [Pxu, Puu]] ⊗ I over the state [weights; velocities]."""
+
+    keys = ("Pxx", "Pxu", "Puu")
+    velocity = True
+
+    @staticmethod
+    def gain_terms(filt: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        return filt["Pxx"], filt["Pxu"]
+
+    @staticmethod
+    def contract(filt: dict[str, Tensor], *, largest: Tensor, noise: Tensor, s_max: Tensor, rho: Tensor,
+                 informative: Tensor) -> None:
+        """Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S (stable forms of
+        P̂ − P̂·diag(h, 0)·P̂)."""
+        pxx, pxu, puu = filt["Pxx"], filt["Pxu"], filt["Puu"]
+        det = pxx * puu - pxu * pxu
+        # Nothing measured (G = 0) must leave P̂uu bit for bit: R·P̂uu/R can round.
+        measured = informative & (largest > 0)
+        new_puu = torch.where(measured, (largest * det + noise * puu) / s_max, puu)
+        pxx.mul_(rho)
+        pxu.mul_(rho)
+        puu.copy_(new_puu)
+
+
+#: The covariance models, one per KOALA variant.
+ISOTROPIC = IsotropicCovariance()
+MOMENTUM = MomentumCovariance()
+Covariance = IsotropicCovariance | MomentumCovariance
+
+
 def _finite_and_noise(filt, m: Measurement, r: float | None, alpha_r: float):
     finite = torch.isfinite(m.loss) & torch.isfinite(m.reg_grad_sq.sum() + m.grad_sq.sum())
     if r is None:
@@ -113,20 +163,20 @@ def _active(m: Measurement, finite: Tensor) -> Tensor:
 def measure(
     filt: dict[str, Tensor],
     m: Measurement,
+    covariance: Covariance,
     *,
     r: float | None,
     alpha_r: float,
-    momentum: bool,
 ) -> Gains:
     """Measurement update of the global filter; returns the per-tensor step coefficients.
 
-    Updates ``filt`` in place (R, the covariance, the counters). The covariance uses the stable
-    forms (KOALA.md §3): with G the largest ‖g̃_i‖² among updated tensors, S = P̂xx·G + R and
-    ρ = R/S: p⁺ = ρ·p̂ (KOALA-V); Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S.
+    Updates ``filt`` in place (R, the covariance, the counters). With G the largest ‖g̃_i‖²
+    among updated tensors, S = P̂xx·G + R and ρ = R/S, the covariance contracts by
+    ``covariance.contract`` (the stable forms derived in ``oracle/``).
     """
     finite, noise = _finite_and_noise(filt, m, r, alpha_r)
     ok = _active(m, finite)
-    pxx = filt["Pxx"] if momentum else filt["p"]
+    pxx, pux = covariance.gain_terms(filt)
     zero = torch.zeros((), dtype=FLOAT, device=pxx.device)
     one = torch.ones((), dtype=FLOAT, device=pxx.device)
 
@@ -137,7 +187,7 @@ def measure(
     reg_loss = torch.where(ok, reg_loss, zero)
     innovation_scale = m.lr * reg_loss / torch.where(ok, pxx * g_sq + noise, one)
     coef_x = innovation_scale * pxx
-    coef_u = innovation_scale * filt["Pxu"] if momentum else None
+    coef_u = innovation_scale * pux if pux is not None else None
 
     largest = g_sq.max() if g_sq.numel() else zero
     s_max = pxx * largest + noise
@@ -145,17 +195,7 @@ def measure(
     informative = s_max > 0
     s_max = torch.where(informative, s_max, one)
     rho = torch.where(informative, noise / s_max, one)
-    if momentum:
-        pxu, puu = filt["Pxu"], filt["Puu"]
-        det = pxx * puu - pxu * pxu
-        # Nothing measured (G = 0) must leave P̂uu bit for bit: R·P̂uu/R can round.
-        measured = informative & (largest > 0)
-        new_puu = torch.where(measured, (largest * det + noise * puu) / s_max, puu)
-        pxx.mul_(rho)
-        pxu.mul_(rho)
-        puu.copy_(new_puu)
-    else:
-        pxx.mul_(rho)
+    covariance.contract(filt, largest=largest, noise=noise, s_max=s_max, rho=rho, informative=informative)
     filt["R"].copy_(noise)
     filt["step"].add_(1)
     filt["skipped_steps"].add_((~finite).to(COUNT))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from .constants import MAX, SUM, constant
+from .constants import MAX, SUM, constant, triton_kernel
 
 C_ALPHA = constant(0)
 C_ONE_MINUS_ALPHA = constant(1)
@@ -41,6 +41,7 @@ C_BETA = constant(5)
 C_ONE_MINUS_BETA = constant(6)
 
 
+@triton_kernel
 def filter_kernel(
     p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped,
     p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_sums, p_coef,

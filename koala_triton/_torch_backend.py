@@ -1,0 +1,223 @@
+"""The PyTorch backend: KOALA's elementwise passes with ``torch._foreach_*`` ops.
+
+Implements the ``_backend.Backend`` interface (fold mode excepted). Sync-free (no ``.item()``, every data-dependent choice is a mask on the device) and valid on
+any device torch supports. It is the reference the Triton kernels are tested against.
+
+Precision: squared norms accumulate in float32 (float64 for float64 params); the scalar filter
+runs in float64 (``_filter``); each elementwise update is computed in float32 (float64 for
+float64 params) and rounded once into the parameter's dtype.
+
+Memory: every pass is in place except one scaled copy of the step direction per tensor, which
+is written into a scratch buffer (compute dtype, the parameter's shape). On CPU the buffers are
+kept in the backend state and reused, because a fresh allocation of that size costs more than the
+arithmetic (page faults); on CUDA the caching allocator already makes them cheap, so they are
+allocated per step and the optimizer holds no extra memory between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import _kalman
+from ._kalman import ISOTROPIC, MOMENTUM
+from ._loss import LossInput
+from ._plan import StepPlan
+from ._predict_state import PredictState
+
+FLOAT = _kalman.FLOAT
+
+
+@dataclass
+class TorchState:
+    """The PyTorch backend's state: the shared predict state and, on CPU, one scratch buffer
+    per parameter tensor (keyed by its flat index)."""
+
+    predict: PredictState
+    scratch: dict[int, Tensor] = field(default_factory=dict)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for a parameter dtype: float64 stays, everything else uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def squared_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """[k] float64 vector of ‖t‖² for each tensor, accumulated in its compute dtype."""
+    if not tensors:
+        return torch.zeros(0, dtype=FLOAT, device=device)
+    acc = [compute_dtype(t.dtype) for t in tensors]
+    if all(a == acc[0] for a in acc):
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc[0])).to(FLOAT)
+    else:  # mixed float64 / lower precision: rare, take the per-tensor route
+        norms = torch.stack([torch.linalg.vector_norm(t, dtype=a).to(FLOAT) for t, a in zip(tensors, acc)])
+    return norms * norms
+
+
+def scratch(state: TorchState, keys: list[int], like: list[Tensor]) -> list[Tensor]:
+    """One buffer per tensor of ``like`` (same shape, compute dtype), reused on CPU."""
+    store = state.scratch
+    keep = like[0].device.type == "cpu" if like else False
+    out = []
+    for key, t in zip(keys, like):
+        buf = store.get(key) if keep else None
+        if buf is None or buf.shape != t.shape or buf.dtype != compute_dtype(t.dtype) or buf.device != t.device:
+            buf = torch.empty(t.shape, dtype=compute_dtype(t.dtype), device=t.device)
+            if keep:
+                store[key] = buf
+        out.append(buf)
+    return out
+
+
+def _regularised_directions(plan: StepPlan, buffers: list[Tensor]) -> list[Tensor]:
+    """g̃_i = grad_i + wd_i·x_i in compute dtype: the grad itself where no copy is needed,
+    else written into ``buffers[i]``."""
+    directions = []
+    for i, (p, g, buf) in enumerate(zip(plan.params, plan.grads, buffers)):
+        decayed = i >= plan.num_plain
+        if not decayed and g.dtype == buf.dtype:
+            directions.append(g)
+            continue
+        buf.copy_(g)
+        if decayed:
+            buf.add_(p, alpha=plan.decay[i - plan.num_plain])
+        directions.append(buf)
+    return directions
+
+
+def _measurement(plan: StepPlan, directions, loss, loss_sq_mean, device) -> _kalman.Measurement:
+    plain = plan.num_plain
+    grad_sq = squared_norms(plan.grads, device)
+    reg_grad_sq = torch.cat([grad_sq[:plain], squared_norms(directions[plain:], device)])
+    param_sq = torch.cat(
+        [torch.zeros(plain, dtype=FLOAT, device=device), squared_norms(plan.params[plain:], device)]
+    )
+    return _kalman.Measurement(
+        loss=loss,
+        loss_sq_mean=loss_sq_mean,
+        grad_sq=grad_sq,
+        reg_grad_sq=reg_grad_sq,
+        param_sq=param_sq,
+        lr=plan.lr,
+        weight_decay=plan.weight_decay,
+        eps=plan.eps,
+    )
+
+
+def _sanitised(step_directions, buffers) -> list[Tensor]:
+    """buffers[i] = step_directions[i] with every non-finite element replaced by 0.
+
+    On a finite step this is an exact copy. On a skipped step every coefficient is exactly 0,
+    but 0·NaN is NaN: zeroing non-finite elements is what keeps a poisoned gradient from
+    reaching the weights. Folding the coefficient into the following ``addcmul_`` keeps the
+    whole step at two passes over the gradient.
+    """
+    for d, buf in zip(step_directions, buffers):
+        if d is buf:
+            torch.nan_to_num_(buf, nan=0.0, posinf=0.0, neginf=0.0)
+        elif d.dtype == buf.dtype:
+            torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=buf)
+        else:  # low-precision gradient: widen into the float32 buffer first
+            torch.nan_to_num_(buf.copy_(d), nan=0.0, posinf=0.0, neginf=0.0)
+    return buffers
+
+
+def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: TorchState, *, r, alpha_r,
+                              raw_grad_step):
+    """Shared by both variants: norms, the filter's measurement update, and x -= coef_x·d.
+
+    Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
+    device = filt["R"].device
+    loss_mean, loss_sq_mean = loss.moments()
+    buffers = scratch(state, plan.indices, plan.params)
+    directions = _regularised_directions(plan, buffers)
+    m = _measurement(plan, directions, loss_mean, loss_sq_mean, device)
+    gains = _kalman.measure(filt, m, covariance, r=r, alpha_r=alpha_r)
+    steps = _sanitised(plan.grads if raw_grad_step else directions, buffers)
+    if steps:
+        torch._foreach_addcmul_(plan.params, steps, list((-gains.coef_x).unbind()))
+    return gains, steps
+
+
+def _fold_unsupported():
+    return NotImplementedError(
+        "fold_predict=True folds predict into the Triton update pass: the PyTorch backend has no "
+        "fold mode (use the Triton path: fused=True, or CUDA parameters with fused=None)"
+    )
+
+
+class TorchBackend:
+    """The PyTorch path (any device torch supports); see the module docstring."""
+
+    name = "torch"
+    supports_fold = False
+
+    def new_state(self, predict: PredictState, device: torch.device) -> TorchState:
+        return TorchState(predict)
+
+    def settle(self, filt, state: TorchState) -> None:
+        """Nothing is ever deferred here."""
+
+    # ------------------------------------------------------------------ KOALA-V
+    def koala_v_predict(self, filt, state: TorchState, *, q: float) -> None:
+        """KOALA-V time update: p̂ = p + q."""
+        _kalman.predict_v(filt, q)
+
+    def koala_v_update(self, plan: StepPlan, filt, loss: LossInput, state: TorchState, *, r, alpha_r,
+                       raw_grad_step) -> None:
+        """KOALA-V measurement update of every tensor in ``plan`` and of the filter ``filt``."""
+        _measure_and_step_weights(plan, filt, loss, ISOTROPIC, state, r=r, alpha_r=alpha_r,
+                                  raw_grad_step=raw_grad_step)
+
+    # ------------------------------------------------------------------ KOALA-M
+    def koala_m_predict(self, params, velocities, averages, filt, state: TorchState, *, a: float,
+                        qv: float) -> None:
+        """KOALA-M time update of every parameter: x += u, u *= a, and P̂ = F P Fᵀ + Q."""
+        device = filt["Pxx"].device
+        numel = sum(p.numel() for p in params)
+        if params:
+            gaps = scratch(state, list(range(len(params))), params)
+            for gap, avg, p in zip(gaps, averages, params):
+                if p.dtype == gap.dtype:
+                    torch.sub(avg, p, out=gap)
+                else:  # low precision: form the difference in float32
+                    gap.copy_(avg).sub_(p)
+            distance = squared_norms(gaps, device).sum().sqrt() / max(numel, 1)
+            torch._foreach_add_(params, velocities)
+            # A Python float would be rounded to a 16-bit velocity's dtype first (0.9 ->
+            # 0.8984375 in bfloat16); a float64 device scalar keeps the product correctly
+            # rounded, once.
+            torch._foreach_mul_(velocities, torch.full((), a, dtype=FLOAT, device=device))
+        else:
+            distance = torch.zeros((), dtype=FLOAT, device=device)
+        _kalman.predict_m(filt, distance, a=a, qv=qv)
+
+    def koala_m_update(self, plan: StepPlan, velocities, averages, filt, loss: LossInput, state: TorchState, *,
+                       r, alpha_r) -> None:
+        """KOALA-M measurement update; ``velocities``/``averages`` align with ``plan.params``."""
+        gains, steps = _measure_and_step_weights(plan, filt, loss, MOMENTUM, state, r=r, alpha_r=alpha_r,
+                                                 raw_grad_step=False)
+        if not steps:
+            return
+        torch._foreach_addcmul_(velocities, steps, list((-gains.coef_u).unbind()))
+        # xavg_i += w_i·(x_i − xavg_i), w_i = 0.1 where tensor i was updated, else 0. A tensor
+        # weight is rounded to the tensor's dtype by lerp (0.1 -> 0.10009765625 in bfloat16),
+        # so 16-bit averages take the difference in float32 through the scratch buffer instead.
+        weights = (gains.updated * (1.0 - _kalman.QX_BETA)).unbind()
+        wide = [i for i, p in enumerate(plan.params) if p.dtype == compute_dtype(p.dtype)]
+        if wide:
+            torch._foreach_lerp_([averages[i] for i in wide], [plan.params[i] for i in wide],
+                                 [weights[i] for i in wide])
+        for i, p in enumerate(plan.params):
+            if p.dtype != compute_dtype(p.dtype):
+                gap = steps[i].copy_(p).sub_(averages[i])
+                averages[i].addcmul_(gap, weights[i])
+
+    def koala_m_predict_deferred(self, params, velocities, averages, filt, state, *, a, qv, position_scale):
+        raise _fold_unsupported()
+
+    def koala_m_update_folded(self, plan, params, velocities, averages, filt, loss, state, *, r, alpha_r, a, qv,
+                              velocity_scale):
+        raise _fold_unsupported()
