@@ -9,6 +9,10 @@ is always there. The Triton path joins when ``koala_triton.triton_available()`` 
 here: on a CUDA device (real kernels), or on the CPU under ``TRITON_INTERPRET=1`` (Triton's
 interpreter; the suite's sizes are tiny for that reason). Kernel authors: extend this list if
 a new path appears.
+
+``IMPLEMENTATIONS_M`` (fixtures ``impl_m``, ``device_m``) adds what only KoalaM has: fold mode
+(``fold_predict=True``), on the Triton path only, so wherever that path joins. The KoalaM
+conformance tests run it (``harness`` knows its state layout between steps).
 """
 
 from __future__ import annotations
@@ -24,20 +28,38 @@ from tests.conformance.harness import interpreter_enabled
 _HERE = Path(__file__).resolve().parent
 
 
-def _implementations() -> list:
-    out = [pytest.param({"fused": False}, id="torch")]
+def _triton_runs_here() -> str | None:
+    """"cuda", "interpreter", or None when the Triton path cannot run here."""
     available = getattr(koala_triton, "triton_available", None)
-    if available is not None and available():
-        if torch.cuda.is_available():
-            out.append(pytest.param({"fused": True}, id="triton", marks=pytest.mark.gpu))
-        elif interpreter_enabled():
-            out.append(pytest.param({"fused": True}, id="triton-interpreter",
-                                    marks=pytest.mark.interpreter))
-    return out
+    if available is None or not available():
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "interpreter" if interpreter_enabled() else None
+
+
+def _triton(kwargs: dict, suffix: str = "") -> list:
+    where = _triton_runs_here()
+    if where == "cuda":
+        return [pytest.param({"fused": True, **kwargs}, id="triton" + suffix, marks=pytest.mark.gpu)]
+    if where == "interpreter":
+        return [pytest.param({"fused": True, **kwargs}, id="triton-interpreter" + suffix,
+                             marks=pytest.mark.interpreter)]
+    return []
 
 
 #: Constructor kwargs of each implementation under test (see the module docstring).
-IMPLEMENTATIONS = _implementations()
+IMPLEMENTATIONS = [pytest.param({"fused": False}, id="torch")] + _triton({})
+
+#: KoalaM's: the above and fold mode (Triton path only).
+IMPLEMENTATIONS_M = IMPLEMENTATIONS + _triton({"fold_predict": True}, "-fold")
+
+
+def _device_of(impl: dict) -> torch.device:
+    """Where the implementation's tensors live: CUDA for the Triton kernels on a GPU."""
+    if impl.get("fused") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -47,10 +69,17 @@ def impl(request) -> dict:
 
 @pytest.fixture
 def device(impl) -> torch.device:
-    """Where the implementation's tensors live: CUDA for the Triton kernels on a GPU."""
-    if impl.get("fused") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return _device_of(impl)
+
+
+@pytest.fixture(params=IMPLEMENTATIONS_M)
+def impl_m(request) -> dict:
+    return dict(request.param)
+
+
+@pytest.fixture
+def device_m(impl_m) -> torch.device:
+    return _device_of(impl_m)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import mpmath
 import torch
 
+from oracle import DPS
+
 # ---------------------------------------------------------------------------------------------
 # Unit roundoff u = 2^-p, p the significand bits (implicit bit included): 53, 24, 8, 11.
 UNIT_ROUNDOFF = {
@@ -75,6 +77,18 @@ ROUNDINGS = {
     "store_rtz":  (2, "param", "the same store rounded toward zero: < 1 ulp = 2u. Triton's CPU "
                                "interpreter converts float32 to bfloat16 by truncation (real GPUs "
                                "and torch round to nearest); used for that case only"),
+    # fold mode (KoalaM(fold_predict=True)): the velocity buffer holds u+ and the filter's
+    # velocity after j predicts is a^j·u+, so fold mode forms the scale s = a^j on the host and
+    # applies it in registers (see fold_* below)
+    "fold_scale":     (0, "filter", "s = a**j as a host float64: exact for j <= 1 (1.0, a); for j >= 2 "
+                                    "CPython's float pow (C pow) is within 1 ulp = 2u, counted as "
+                                    "γ(j) (>= γ(2)) by passing extra = j"),
+    "fold_velocity":  (2, "compute", "û = s·u+ formed in registers by the fold update: s rounded to the "
+                                     "compute dtype (1), the product (1); never stored"),
+    "fold_position":  (3, "compute", "fold mode's own predict x + s·u+ (velocity buffer left as is): s "
+                                     "rounded to the compute dtype (1), s·u+ (1), the sum (1)"),
+    "fold_recompute": (1, "compute", "posterior_weights() after an update: x - 1·u+ by torch's sub_ "
+                                     "(the product by s = 1 is exact), the difference (1); then the store"),
 }
 
 # Second-order terms (a rounding of a value that is itself off by a bound) are folded in by this
@@ -178,23 +192,33 @@ def coefficient_error(prec: Precision, t, P, Pxx, R, dR, inputs: ScalarInputErro
     return abs(t.lr * P / t.S) * dL + abs(c) * (dS / t.S + prec.g("coef") + prec.g("coef_cast"))
 
 
-def step_bounds(prec: Precision, t, c, dc, before, after, raw_direction: bool):
-    """Elementwise bounds for y = before - c·d, stored in the param dtype."""
+def step_bounds(prec: Precision, t, c, dc, before, after, raw_direction: bool, input_error=None):
+    """Elementwise bounds for y = before - c·d, stored in the param dtype. ``input_error``
+    (per element, optional): an error already in ``before`` as the kernel sees it (fold mode's
+    predicted velocity, formed in registers); it passes into y unchanged (y is affine in
+    ``before`` with coefficient 1)."""
     out = []
     for j, (b, a) in enumerate(zip(before, after)):
         d = t.direction[j]
         dd = mpmath.mpf(0) if raw_direction else prec.g("direction") * (abs(t.grad[j]) + abs(t.wd * t.x_prior[j]))
         err = dc * abs(d) + abs(c) * dd + prec.g("axpy") * (abs(c * d) + abs(a))
+        if input_error is not None:
+            err += input_error[j]
         out.append(prec.stored(a, err))
     return out
 
 
 def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: bool, alpha_r,
                   prior: dict, raw_grad_step: bool = False,
-                  inputs: ScalarInputErrors | None = None) -> dict:
+                  inputs: ScalarInputErrors | None = None, velocity_error: list | None = None) -> dict:
     """Bounds for every quantity the update changes. ``prior`` holds the exact state the update
     started from (filter entries p or Pxx/Pxu/Puu, and KOALA-M's "xavg" lists); ``oracle`` is
     after the update, ``trace`` its ``last_update``.
+
+    ``velocity_error`` (fold mode only): per tensor, per element, the error of the predicted
+    velocity û the kernel forms from the buffer (:func:`fold_velocity_errors`). Updated tensors
+    carry it into u+; tensors the update leaves alone still have their velocity rewritten as
+    fl(û) (the fold's predict), bounded by the same error plus the store.
 
     Returns {"x": [per tensor list], "u": ..., "xavg": ..., scalar names: bound}.
     """
@@ -208,7 +232,10 @@ def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: boo
         after_x = oracle.x[t.index]
         if not t.updated:
             out["x"].append([mpmath.mpf(0)] * t.numel)
-            out["u"].append([mpmath.mpf(0)] * t.numel)
+            if velocity_error is None:
+                out["u"].append([mpmath.mpf(0)] * t.numel)
+            else:
+                out["u"].append([prec.stored(v, e) for v, e in zip(oracle.u[t.index], velocity_error[t.index])])
             out["xavg"].append([mpmath.mpf(0)] * t.numel)
             continue
         dGs.append(norm_error(prec, t.numel, t.A))
@@ -217,7 +244,8 @@ def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: boo
         out["x"].append(bx)
         if variant == "M":
             dcu = coefficient_error(prec, t, prior["Pxu"], Pxx, R, dR, inputs, t.c_u)
-            out["u"].append(step_bounds(prec, t, t.c_u, dcu, t.u_prior, oracle.u[t.index], False))
+            out["u"].append(step_bounds(prec, t, t.c_u, dcu, t.u_prior, oracle.u[t.index], False,
+                                        None if velocity_error is None else velocity_error[t.index]))
             xb = []
             for j, m_new in enumerate(oracle.xavg[t.index]):
                 m_old = prior["xavg"][t.index][j]
@@ -278,6 +306,108 @@ def predict_bounds_m(prec: Precision, before: dict, oracle, a, qv) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Fold mode (KoalaM(fold_predict=True)): the update pass also performs the next predict's
+# elementwise part. Between steps the weights hold the prediction fl(x+ + u+), the velocity
+# buffer holds u+ and the filter's velocity after j predicts is a^j·u+ (j = 1 right after an
+# update, 2 after one more predict()); filter_state holds the next prior. What the fold adds to
+# the unfolded arithmetic, each bounded below from the table:
+#
+# * the predicted velocity û = fl(s)·u+ (s = a^j) is formed in registers, not restarted from a
+#   stored exact value: "fold_scale" + "fold_velocity", relative to |û| (fold_velocity_errors);
+# * its own predict (the second and later predict() of a step) moves x by s·u+ with s = a^j:
+#   "fold_scale" + "fold_position" (fold_predict_position_bounds);
+# * the weights after an update are fl(x+_s + u+_s) from the posterior values already rounded
+#   to the param dtype (as the unfolded path stores and reloads them): "momentum_x" + store;
+#   posterior_weights() recomputes x+ from them as fl(x - 1·u+): "fold_recompute" + store
+#   (fold_weight_bounds);
+# * the next prior is the predict applied to the update's rounded posterior: the predict's own
+#   rounding (predict_bounds_m) plus the update's errors carried through F P F^T + Q and D
+#   (fold_next_prior_bounds).
+
+
+def fold_scale_error(prec: Precision, j: int) -> mpmath.mpf:
+    """Relative error of the host scale s = a**j (0 for j <= 1: 1.0 and a are exact)."""
+    return prec.g("fold_scale", j) if j >= 2 else mpmath.mpf(0)
+
+
+def fold_velocity_errors(prec: Precision, u_hat: list, j: int) -> list:
+    """Per tensor, per element: |fl_c(fl_c(s)·u+) - a^j·u+| for the exact predicted velocity
+    ``u_hat`` = a^j·u+ (the product of three relative errors, first order; the second-order
+    rest is in the slack every stored bound carries)."""
+    rel = fold_scale_error(prec, j) + prec.g("fold_velocity")
+    with mpmath.workdps(DPS):
+        return [[rel * abs(v) for v in us] for us in u_hat]
+
+
+def fold_predict_position_bounds(prec: Precision, x_before: list, u_hat: list, x_after: list, j: int) -> list:
+    """Fold mode's own predict: x <- fl(x + fl_c(s)·u+) with s = a^j, against the exact
+    x + a^j·u+ (``u_hat``); ``x_after`` the oracle's predicted weights."""
+    out = []
+    rel_s = fold_scale_error(prec, j)
+    g = prec.g("fold_position")
+    for xs, us, xh in zip(x_before, u_hat, x_after):
+        out.append([prec.stored(v, rel_s * abs(w) + g * (abs(x) + abs(w))) for x, w, v in zip(xs, us, xh)])
+    return out
+
+
+def fold_weight_bounds(prec: Precision, x_post: list, u_post: list, bx: list, bu: list) -> tuple[list, list]:
+    """After a fold update: (bounds of posterior_weights() against x+, bounds of the weights
+    themselves against the prediction x+ + u+), per tensor, per element.
+
+    ``x_post``, ``u_post``: the oracle's exact posterior; ``bx``, ``bu``: bounds of the
+    posterior the kernel formed (|x+_s - x+|, |u+_s - u+|, after rounding to the param dtype).
+    The weights are x_w = fl(x+_s + u+_s): e_w ≤ stored(|x+_s + u+_s|, γ("momentum_x")·|…|)
+    with |x+_s + u+_s| ≤ |x+ + u+| + bx + bu. posterior_weights() gives fl(x_w - u+_s), whose
+    exact value is x+_s + (x_w - x+_s - u+_s): |·| ≤ |x+| + bx + e_w, rounded by
+    "fold_recompute" and the store. Hence inside ≤ bx + e_w + e_rc, outside ≤ bx + bu + e_w.
+    """
+    inside, outside = [], []
+    g_w, g_rc = prec.g("momentum_x"), prec.g("fold_recompute")
+    for xs, us, bxs, bus in zip(x_post, u_post, bx, bu):
+        ins, outs = [], []
+        for x, u, ex, eu in zip(xs, us, bxs, bus):
+            m_w = abs(x + u) + ex + eu
+            e_w = prec.stored(m_w, g_w * m_w)
+            m_in = abs(x) + ex + e_w
+            ins.append(ex + e_w + prec.stored(m_in, g_rc * m_in))
+            outs.append(ex + eu + e_w)
+        inside.append(ins)
+        outside.append(outs)
+    return inside, outside
+
+
+def fold_next_prior_bounds(prec: Precision, post: dict, post_bounds: dict, oracle, a, qv) -> dict:
+    """The filter after a fold update (already the next prior) against the oracle's predict
+    from its exact posterior.
+
+    ``post``: the oracle's exact posterior (x, u, xavg lists; Pxx, Pxu, Puu, qx); ``post_bounds``:
+    :func:`update_bounds` of that update (the kernel's posterior is off by these); ``oracle``:
+    after its predict. The predict's own rounding is :func:`predict_bounds_m` on the exact
+    posterior. The update's errors pass through the predict linearly: P^ = F P F^T + Q with
+    F = [[1, 1], [0, a]] adds dPxx + 2·dPxu + dPuu, |a|·(dPxu + dPuu) and a²·dPuu; the
+    distance D = ‖xavg - x‖/n moves by at most ‖e‖/n (triangle inequality) with e the
+    elementwise bx + bxavg, so qx = 0.9·qx + 0.1·D by 0.1·‖e‖/n, which also enters P^xx. The
+    predict's rounding of the perturbed inputs differs from that of the exact ones by
+    second-order terms: the slack factor.
+    """
+    base = predict_bounds_m(prec, post, oracle, a, qv)
+    a = mpmath.mpf(a)
+    slack = prec.slack()
+    with mpmath.workdps(DPS):
+        sq = mpmath.fsum((ex + em_) ** 2 for bxs, bms in zip(post_bounds["x"], post_bounds["xavg"])
+                         for ex, em_ in zip(bxs, bms))
+        n = sum(len(v) for v in post["x"])
+        dqx = mpmath.sqrt(sq) / max(n, 1) / 10 * slack
+        dPxx, dPxu, dPuu = (post_bounds.get(k, mpmath.mpf(0)) for k in ("Pxx", "Pxu", "Puu"))
+        return {
+            "qx": base["qx"] + dqx,
+            "Pxx": base["Pxx"] + (dPxx + 2 * dPxu + dPuu) * slack + dqx,
+            "Pxu": base["Pxu"] + abs(a) * (dPxu + dPuu) * slack,
+            "Puu": base["Puu"] + a * a * dPuu * slack,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
 # Free-running float64 trajectories (no restart): the per-step bounds above with u_c = u_f are
 # at most (N_max + 16)·u_f relative to the magnitudes involved (the largest count chain:
 # norm N + 9, coefficient 3 + 3 + 2, axpy 2, store 1, rounded up). Errors carried from earlier
@@ -286,6 +416,13 @@ def predict_bounds_m(prec: Precision, before: dict, oracle, a, qv) -> dict:
 # inputs (|c|·wd ≤ the recorded maximum); the covariance recursion contracts (φ' < 1).
 # Over K steps: rtol = K·(N_max + 16)·u_f·(1 + max c·wd)^K, measured against the magnitudes
 # (|x_0| + Σ_k |c_k·d_k|, "path length") for tensors and |value| for scalars.
+
+
+# A predict() beyond the first of an iteration (a double predict) is counted as a step of its own
+# (``steps`` = updates + extra predicts): it rounds x, u and P as the first one does (fold mode's
+# deferred velocity: "fold_position" 3 + "fold_scale" ≤ 3 for j ≤ 3), far fewer than the
+# N_max + 16 of a step, and the growth factor only gets larger with steps. Fold mode's
+# posterior_weights() recomputation (fold_weight_bounds) is added on top as an absolute term.
 
 
 def free_running_rtol(steps: int, n_max: int, max_c_wd) -> mpmath.mpf:

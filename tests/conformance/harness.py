@@ -9,7 +9,17 @@ Two modes:
   implementation's exact state, so the comparison measures one phase's arithmetic and the
   tolerance is the one-phase bound of :mod:`error_model` (every dtype);
 * ``free``: the oracle runs its own trajectory; float64 only, tolerance
-  :func:`error_model.free_running_rtol` (≤ 1e-12 by assertion).
+  :func:`error_model.free_running_rtol` (≤ 1e-12 by assertion); compared after every predict
+  and every update.
+
+Fold mode (``KoalaM(fold_predict=True)``, an implementation of its own in ``conftest``): the
+update also performs the next predict's elementwise part. Between steps the weights hold the
+prediction x+ + u+, the velocity buffer holds u+ (the filter's velocity after j predicts since
+the last update is a^j·u+, j counted here, never read from the optimizer), and
+``filter_state`` holds the next prior. Both modes then compare the posterior weights inside
+``opt.posterior_weights()``, the velocity buffer against u+, and the filter (and the weights
+themselves) against the oracle's next prediction; a predict() the last update already did
+must change nothing; a further predict() (a double predict) is compared as a predict phase.
 """
 
 from __future__ import annotations
@@ -36,23 +46,33 @@ DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
 # A non-contiguous parameter is written ("T", (rows, cols)): a transposed (cols, rows) buffer.
 NONCONTIGUOUS = "T"
 
+# Step.loss_var = OMIT: update(loss) without a loss_var (only with a fixed r).
+OMIT = "omit"
+
 
 @dataclass
 class Step:
     """One iteration's inputs.
 
+    loss_var: None -> loss² + 1/2; OMIT -> not passed (fixed r only); else the value.
     grads: flat param index -> "none" | "tiny" (‖g‖ = 1e-12·√N < eps) | "nan" | "inf" | a scale;
            indices not named use ``scale``.
-    lr: group index -> lr written into the group before this step (a scheduler).
+    lr, weight_decay: group index -> value written into the group before this step (a scheduler).
     per_sample: use ``step(loss=tensor)`` with these per-sample losses instead of update().
+    python_scalars: pass loss and loss_var to update() as the Python numbers they are (as users
+        pass ``loss.item()``), not as float64 tensors.
+    predicts: predict() calls before the update (2: a double predict).
     """
 
     loss: float = 1.0
-    loss_var: float | None = None
+    loss_var: float | str | None = None
     scale: float = 1.0
     grads: dict = field(default_factory=dict)
     lr: dict = field(default_factory=dict)
+    weight_decay: dict = field(default_factory=dict)
     per_sample: list | None = None
+    python_scalars: bool = False
+    predicts: int = 1
 
 
 @dataclass
@@ -140,13 +160,19 @@ def snapshot(opt, flat, variant: str) -> dict:
     return snap
 
 
-def restart_oracle(oracle, snap: dict, variant: str) -> None:
+def restart_oracle(oracle, snap: dict, variant: str, velocity_scale=None) -> None:
+    """Load the implementation's exact state into the oracle. ``velocity_scale`` (fold mode):
+    the filter's velocity is velocity_scale·buffer (a^j after j predicts since the update)."""
     f = snap["filter"]
     common = dict(x=snap["x"], R=f["R"], step=f["step"], skipped_steps=f["skipped_steps"])
     if variant == "V":
         oracle.load(p=f["p"], **common)
     else:
-        oracle.load(u=snap["u"], xavg=snap["xavg"], Pxx=f["Pxx"], Pxu=f["Pxu"], Puu=f["Puu"],
+        u = snap["u"]
+        if velocity_scale is not None:
+            with mpmath.workdps(DPS):
+                u = [[velocity_scale * v for v in vector(t)] for t in u]
+        oracle.load(u=u, xavg=snap["xavg"], Pxx=f["Pxx"], Pxu=f["Pxu"], Puu=f["Puu"],
                     qx=f["qx"], **common)
 
 
@@ -198,6 +224,24 @@ def compare_scalar(label: str, got, ref, bound) -> None:
                            f"{_fmt(abs(g - ref))} > bound {_fmt(bound)}")
 
 
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32,
+             torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(_INT_VIEW[t.dtype])
+
+
+def compare_unchanged(label: str, before: dict, after: dict) -> None:
+    """Every state entry bit for bit as before (fold mode's predict() after an update)."""
+    for key in ("x", "u", "xavg"):
+        for i, (b, a) in enumerate(zip(before.get(key, ()), after.get(key, ()))):
+            if not torch.equal(_bits(b), _bits(a)):
+                raise Mismatch(f"{label}: {key}[{i}] changed")
+    if before["filter"] != after["filter"]:
+        raise Mismatch(f"{label}: filter_state {before['filter']} -> {after['filter']}")
+
+
 def compare_counters(label: str, opt, oracle) -> None:
     f = opt.filter_state
     got = (int(f["step"].item()), int(f["skipped_steps"].item()))
@@ -210,6 +254,14 @@ def compare_counters(label: str, opt, oracle) -> None:
 # the runner
 
 
+def _schedule(step: Step, opt, oracle) -> None:
+    """A scheduler's writes into the param groups before this step (lr, weight decay)."""
+    for key, values in (("lr", step.lr), ("weight_decay", step.weight_decay)):
+        for gi, value in values.items():
+            opt.param_groups[gi][key] = value
+            oracle.param_groups[gi][key] = value
+
+
 def _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device):
     """Give the implementation and the oracle the same gradients and loss, and update both."""
     grads = grads_for(step, flat, frozen, gen)
@@ -220,17 +272,28 @@ def _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device):
         opt.step(loss=loss)
         oracle.update_from_losses(loss, grads)
     else:
-        opt.update(loss, loss_var)
+        if loss_var is None:
+            opt.update(loss)
+        else:
+            opt.update(loss, loss_var)
         oracle.update(loss, loss_var if adaptive else None, grads)
     return grads
 
 
 def _loss_inputs(step: Step, adaptive: bool, device):
+    """(loss, loss_var) as update() gets them: float64 device tensors, or the Python numbers
+    themselves (``python_scalars``); loss_var None when omitted."""
     if step.per_sample is not None:
         return torch.tensor(step.per_sample, dtype=torch.float64, device=device), None
+    if step.loss_var == OMIT:
+        assert not adaptive, "loss_var may be omitted only with a fixed r"
+        var = None
+    else:
+        var = step.loss_var if step.loss_var is not None else step.loss**2 + 0.5
+    if step.python_scalars:
+        return step.loss, var
     loss = torch.tensor(step.loss, dtype=torch.float64, device=device)
-    var = step.loss_var if step.loss_var is not None else step.loss**2 + 0.5
-    return loss, torch.tensor(var, dtype=torch.float64, device=device)
+    return loss, None if var is None else torch.tensor(var, dtype=torch.float64, device=device)
 
 
 def _per_sample_errors(step: Step, adaptive: bool) -> em.ScalarInputErrors:
@@ -247,112 +310,269 @@ def _per_sample_errors(step: Step, adaptive: bool) -> em.ScalarInputErrors:
                                     loss_var=em.gamma(B + 1, u) * m2 if adaptive else mpmath.mpf(0))
 
 
+class FoldClock:
+    """Fold mode's bookkeeping, kept by the harness from the calls it makes (never read from
+    the optimizer, so an optimizer that miscounts is caught): ``j`` predicts since the last
+    update, counting the one the update folded in (the filter's velocity is a^j·buffer), and
+    whether the next predict() was already done by that update (``absorbed``). Outside fold
+    mode j stays 0 and the scale is None (the buffer is the velocity)."""
+
+    def __init__(self, fold: bool, a):
+        self.fold = fold
+        self.j = 0
+        self.absorbed = False
+        with mpmath.workdps(DPS):
+            self.a = exact(a)
+
+    def scale(self, j: int | None = None):
+        if not self.fold:
+            return None
+        with mpmath.workdps(DPS):
+            return self.a ** (self.j if j is None else j)
+
+    def predicted(self) -> bool:
+        """Count a predict() call; False when it was the one the last update already did."""
+        if self.fold and self.absorbed:
+            self.absorbed = False
+            return False
+        if self.fold:
+            self.j += 1
+        return True
+
+    def updated(self) -> None:
+        if self.fold:
+            self.j, self.absorbed = 1, True
+
+
+def _fold(impl: dict) -> bool:
+    return bool(impl.get("fold_predict"))
+
+
 def run_restarted(variant: str, scenario: Scenario, dtype, impl: dict, device, seed: int = 0) -> int:
-    """Every step: restart the oracle from the implementation, compare after predict and after
-    update against the one-phase error model. Returns the number of compared steps."""
+    """Every step: restart the oracle from the implementation, compare after each predict and
+    after the update against the one-phase error model. Returns the number of compared steps."""
     opt, flat, oracle = build(scenario, variant, dtype, impl, device, seed)
     prec = em.Precision(dtype, truncating_store=em.truncates_bfloat16(impl, device, dtype))
     hyper = scenario.hyper
     adaptive = hyper.get("r") is None
     alpha_r = hyper.get("alpha_r", 0.9)
+    a, qv = hyper.get("a", 0.9), hyper.get("qv", 1e-2)
     frozen = scenario.flat_frozen()
     gen = torch.Generator().manual_seed(1000 + seed)
+    clock = FoldClock(_fold(impl), a)
+    assert variant == "M" or not clock.fold
     for k, step in enumerate(scenario.steps):
-        for gi, lr in step.lr.items():
-            opt.param_groups[gi]["lr"] = lr
-            oracle.param_groups[gi]["lr"] = lr
-        # ---- predict
-        before = snapshot(opt, flat, variant)
-        restart_oracle(oracle, before, variant)
-        opt.predict()
-        oracle.predict()
-        tag = f"step {k} predict"
-        ex_before = exact_state(before, variant)
-        if variant == "V":
-            b = em.predict_bounds_v(prec, oracle.p)
-            compare_scalar(f"{tag} p^", opt.filter_state["p"], oracle.p, b["p"])
-            for i, p in enumerate(flat):  # identity dynamics: weights untouched, bit for bit
-                compare_tensor(f"{tag} x[{i}]", p, oracle.x[i], [0] * len(oracle.x[i]))
-        else:
-            b = em.predict_bounds_m(prec, ex_before, oracle, hyper.get("a", 0.9), hyper.get("qv", 1e-2))
-            for name in ("qx", "Pxx", "Pxu", "Puu"):
-                compare_scalar(f"{tag} {name}", opt.filter_state[name], getattr(oracle, name), b[name])
-            for i, p in enumerate(flat):
-                compare_tensor(f"{tag} x^[{i}]", p, oracle.x[i], b["x"][i])
-                compare_tensor(f"{tag} u^[{i}]", opt.state[p]["velocity"], oracle.u[i], b["u"][i])
-                compare_tensor(f"{tag} xavg[{i}] (untouched by predict)", opt.state[p]["xavg"],
-                               oracle.xavg[i], [0] * len(oracle.xavg[i]))
-        compare_scalar(f"{tag} R (untouched by predict)", opt.filter_state["R"], oracle.R, 0)
-        compare_counters(tag, opt, oracle)
-        # ---- update
-        mid = snapshot(opt, flat, variant)
-        restart_oracle(oracle, mid, variant)
-        ex_mid = exact_state(mid, variant)
-        _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
-        trace = oracle.last_update
-        tag = f"step {k} update"
-        prior = dict(ex_mid)
-        if variant == "V":
-            prior["p"] = ex_mid["p"]
-        bounds = em.update_bounds(prec, oracle, trace, variant=variant, adaptive=adaptive,
-                                  alpha_r=alpha_r, prior=prior,
-                                  raw_grad_step=hyper.get("raw_grad_step", False),
-                                  inputs=_per_sample_errors(step, adaptive))
-        for t in trace.tensors:
-            i = t.index
-            compare_tensor(f"{tag} x[{i}] ({t.reason or 'updated'})", flat[i], oracle.x[i], bounds["x"][i])
-            if variant == "M":
-                compare_tensor(f"{tag} u[{i}] ({t.reason or 'updated'})",
-                               opt.state[flat[i]]["velocity"], oracle.u[i], bounds["u"][i])
-                compare_tensor(f"{tag} xavg[{i}] ({t.reason or 'updated'})",
-                               opt.state[flat[i]]["xavg"], oracle.xavg[i], bounds["xavg"][i])
-        names = ("p",) if variant == "V" else ("Pxx", "Pxu", "Puu", "qx")
-        for name in names:
-            bound = bounds.get(name, mpmath.mpf(0))  # qx is not touched by the update
-            compare_scalar(f"{tag} {name}", opt.filter_state[name], getattr(oracle, name), bound)
-        compare_scalar(f"{tag} R", opt.filter_state["R"], oracle.R, bounds["R"])
-        compare_counters(tag, opt, oracle)
+        _schedule(step, opt, oracle)
+        assert step.predicts >= 1
+        for n in range(step.predicts):
+            tag = f"step {k} predict" + (f" {n + 1}/{step.predicts}" if step.predicts > 1 else "")
+            _restarted_predict(tag, opt, flat, oracle, variant, prec, clock, a, qv)
+        _restarted_update(f"step {k} update", opt, flat, oracle, variant, prec, clock, step, frozen,
+                          gen, adaptive, alpha_r, hyper, device, a, qv)
     return len(scenario.steps)
 
 
+def _restarted_predict(tag, opt, flat, oracle, variant, prec, clock, a, qv) -> None:
+    before = snapshot(opt, flat, variant)
+    j = clock.j
+    if not clock.predicted():  # fold mode: the last update already predicted
+        opt.predict()
+        compare_unchanged(f"{tag} (already done by the folded update)", before, snapshot(opt, flat, variant))
+        return
+    restart_oracle(oracle, before, variant, clock.scale(j))
+    u_hat = [list(us) for us in oracle.u] if variant == "M" else None
+    opt.predict()
+    oracle.predict()
+    ex_before = exact_state(before, variant)
+    if variant == "V":
+        b = em.predict_bounds_v(prec, oracle.p)
+        compare_scalar(f"{tag} p^", opt.filter_state["p"], oracle.p, b["p"])
+        for i, p in enumerate(flat):  # identity dynamics: weights untouched, bit for bit
+            compare_tensor(f"{tag} x[{i}]", p, oracle.x[i], [0] * len(oracle.x[i]))
+    else:
+        b = em.predict_bounds_m(prec, ex_before, oracle, a, qv)
+        for name in ("qx", "Pxx", "Pxu", "Puu"):
+            compare_scalar(f"{tag} {name}", opt.filter_state[name], getattr(oracle, name), b[name])
+        if clock.fold:
+            # x <- x + a^j·u+ with the buffer left as is (it keeps u+; the filter's velocity
+            # a^(j+1)·u+ is formed by the next update)
+            bx = em.fold_predict_position_bounds(prec, ex_before["x"], u_hat, oracle.x, j)
+            after = snapshot(opt, flat, variant)
+            for i, p in enumerate(flat):
+                compare_tensor(f"{tag} x^[{i}] (fold: x + a^{j}·u+)", p, oracle.x[i], bx[i])
+                if not torch.equal(_bits(after["u"][i]), _bits(before["u"][i])):
+                    raise Mismatch(f"{tag} velocity[{i}]: fold mode's predict must leave the buffer (u+) as is")
+        else:
+            for i, p in enumerate(flat):
+                compare_tensor(f"{tag} x^[{i}]", p, oracle.x[i], b["x"][i])
+                compare_tensor(f"{tag} u^[{i}]", opt.state[p]["velocity"], oracle.u[i], b["u"][i])
+        for i, p in enumerate(flat):
+            compare_tensor(f"{tag} xavg[{i}] (untouched by predict)", opt.state[p]["xavg"],
+                           oracle.xavg[i], [0] * len(oracle.xavg[i]))
+    compare_scalar(f"{tag} R (untouched by predict)", opt.filter_state["R"], oracle.R, 0)
+    compare_counters(tag, opt, oracle)
+
+
+def _restarted_update(tag, opt, flat, oracle, variant, prec, clock, step, frozen, gen, adaptive,
+                      alpha_r, hyper, device, a, qv) -> None:
+    mid = snapshot(opt, flat, variant)
+    j = clock.j
+    restart_oracle(oracle, mid, variant, clock.scale(j))
+    ex_mid = exact_state(mid, variant)
+    velocity_error = None
+    if clock.fold:  # the kernel forms û = fl(a^j)·u+ itself: its error enters u+ (error_model)
+        velocity_error = em.fold_velocity_errors(prec, oracle.u, j)
+    _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
+    clock.updated()
+    trace = oracle.last_update
+    bounds = em.update_bounds(prec, oracle, trace, variant=variant, adaptive=adaptive,
+                              alpha_r=alpha_r, prior=ex_mid,
+                              raw_grad_step=hyper.get("raw_grad_step", False),
+                              inputs=_per_sample_errors(step, adaptive), velocity_error=velocity_error)
+    bx_inside = bounds["x"]
+    if clock.fold:
+        x_post = [list(v) for v in oracle.x]
+        bx_inside, bx_outside = em.fold_weight_bounds(prec, x_post, oracle.u, bounds["x"], bounds["u"])
+    if variant == "M":
+        with opt.posterior_weights():  # a no-op outside fold mode
+            for t in trace.tensors:
+                compare_tensor(f"{tag} x[{t.index}] ({t.reason or 'updated'}; posterior_weights())",
+                               flat[t.index], oracle.x[t.index], bx_inside[t.index])
+        for t in trace.tensors:
+            i = t.index
+            compare_tensor(f"{tag} u[{i}] ({t.reason or 'updated'})",
+                           opt.state[flat[i]]["velocity"], oracle.u[i], bounds["u"][i])
+            compare_tensor(f"{tag} xavg[{i}] ({t.reason or 'updated'})",
+                           opt.state[flat[i]]["xavg"], oracle.xavg[i], bounds["xavg"][i])
+    else:
+        for t in trace.tensors:
+            compare_tensor(f"{tag} x[{t.index}] ({t.reason or 'updated'})", flat[t.index],
+                           oracle.x[t.index], bounds["x"][t.index])
+    compare_scalar(f"{tag} R", opt.filter_state["R"], oracle.R, bounds["R"])
+    compare_counters(tag, opt, oracle)
+    if clock.fold:
+        # the filter already holds the next prior and the weights the next prediction: the
+        # oracle predicts from its exact posterior, the bounds carry the update's errors on
+        post = {"x": x_post, "u": [list(v) for v in oracle.u], "Pxx": oracle.Pxx, "Pxu": oracle.Pxu,
+                "Puu": oracle.Puu, "qx": oracle.qx}
+        oracle.predict()
+        nb = em.fold_next_prior_bounds(prec, post, bounds, oracle, a, qv)
+        for name in ("qx", "Pxx", "Pxu", "Puu"):
+            compare_scalar(f"{tag} {name} (fold: the next prior)", opt.filter_state[name],
+                           getattr(oracle, name), nb[name])
+        for i, p in enumerate(flat):
+            compare_tensor(f"{tag} weights[{i}] (fold: the next prediction x+ + u+)", p, oracle.x[i],
+                           bx_outside[i])
+        return
+    names = ("p",) if variant == "V" else ("Pxx", "Pxu", "Puu", "qx")
+    for name in names:
+        bound = bounds.get(name, mpmath.mpf(0))  # qx is not touched by the update
+        compare_scalar(f"{tag} {name}", opt.filter_state[name], getattr(oracle, name), bound)
+
+
 def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0) -> mpmath.mpf:
-    """float64, no restarts: the oracle's own 60-digit trajectory against the implementation's.
-    Returns the largest relative gap seen (for reporting); raises on any gap over the bound."""
+    """float64, no restarts: the oracle's own 60-digit trajectory against the implementation's,
+    compared after every predict and every update (and after one more predict at the end, so
+    that the last update's next prior is compared too). Returns the largest relative gap seen
+    (for reporting); raises on any gap over the bound."""
     dtype = torch.float64
     opt, flat, oracle = build(scenario, variant, dtype, impl, device, seed)
-    adaptive = scenario.hyper.get("r") is None
+    hyper = scenario.hyper
+    adaptive = hyper.get("r") is None
     frozen = scenario.flat_frozen()
     gen = torch.Generator().manual_seed(1000 + seed)
+    clock = FoldClock(_fold(impl), hyper.get("a", 0.9))
+    prec = em.Precision(dtype)
     n_max = max((p.numel() for p in flat), default=1)
     with mpmath.workdps(DPS):
         path = [mpmath.mpf(max((abs(v) for v in xs), default=0)) for xs in oracle.x]
         vpath = [mpmath.mpf(0) for _ in flat]
         max_c_wd = mpmath.mpf(0)
     worst = mpmath.mpf(0)
+    # steps of the error budget: updates + extra predicts (error_model: an extra predict counts
+    # as a step); a predict is part of the step it begins (the budget of that step's update)
+    phases = 0
 
-    def check(label, got, ref, scale, rtol):
+    def check(label, got, ref, scale, rtol, extra=None):
         nonlocal worst
         with mpmath.workdps(DPS):
-            vals = vector(got) if isinstance(got, torch.Tensor) else [exact(got)]
+            if isinstance(got, list):
+                vals = got
+            else:
+                vals = vector(got) if isinstance(got, torch.Tensor) else [exact(got)]
             refs = ref if isinstance(ref, list) else [ref]
             for j, (v, r) in enumerate(zip(vals, refs)):
                 gap = abs(v - r) / scale if scale else abs(v - r)
                 worst = max(worst, gap)
-                if not mpmath.isfinite(v) or abs(v - r) > rtol * scale:
+                allowed = rtol * scale + (extra[j] if extra is not None else 0)
+                if not mpmath.isfinite(v) or abs(v - r) > allowed:
                     raise Mismatch(f"{label}[{j}]: got {_fmt(v)} oracle {_fmt(r)}, |gap| "
-                                   f"{_fmt(abs(v - r))} > rtol {_fmt(rtol)} × scale {_fmt(scale)}")
+                                   f"{_fmt(abs(v - r))} > rtol {_fmt(rtol)} × scale {_fmt(scale)}"
+                                   + (f" + {_fmt(extra[j])}" if extra is not None else ""))
 
-    for k, step in enumerate(scenario.steps):
-        for gi, lr in step.lr.items():
-            opt.param_groups[gi]["lr"] = lr
-            oracle.param_groups[gi]["lr"] = lr
+    def rtol_for(steps):
+        rtol = em.free_running_rtol(steps, n_max, max_c_wd)
+        if rtol > em.FLOAT64_TARGET:
+            raise AssertionError(f"scenario needs rtol {_fmt(rtol)} > the float64 target "
+                                 f"{em.FLOAT64_TARGET}: shrink it rather than widen the target")
+        return rtol
+
+    def compare(tag, *, after_update):
+        rtol = rtol_for(phases if after_update else phases + 1)
+        f = opt.filter_state
+        if variant == "M" and after_update:
+            extra = [None] * len(flat)
+            if clock.fold:  # posterior_weights() recomputes x+ = x_w - u+ (error_model)
+                with mpmath.workdps(DPS):
+                    bx = [[rtol * path[i]] * len(xs) for i, xs in enumerate(oracle.x)]
+                    bu = [[rtol * vpath[i]] * len(us) for i, us in enumerate(oracle.u)]
+                inside, _ = em.fold_weight_bounds(prec, oracle.x, oracle.u, bx, bu)
+                extra = [[v - b for v, b in zip(ins, bs)] for ins, bs in zip(inside, bx)]
+            with opt.posterior_weights():
+                for i, p in enumerate(flat):
+                    check(f"{tag} x[{i}] (posterior_weights())", p, oracle.x[i], path[i], rtol, extra[i])
+        else:
+            for i, p in enumerate(flat):
+                check(f"{tag} x[{i}]", p, oracle.x[i], path[i], rtol)
+        if variant == "M":
+            # the filter's velocity: the buffer, or in fold mode a^j·buffer between predicts
+            scale = None if after_update else clock.scale()
+            for i, p in enumerate(flat):
+                got = opt.state[p]["velocity"]
+                if scale is not None:
+                    with mpmath.workdps(DPS):
+                        got = [scale * v for v in vector(got)]
+                check(f"{tag} u[{i}]", got, oracle.u[i], vpath[i], rtol)
+                check(f"{tag} xavg[{i}]", opt.state[p]["xavg"], oracle.xavg[i], path[i], rtol)
+        if variant == "V":
+            check(f"{tag} p", f["p"], oracle.p, oracle.p, rtol)
+        elif not (clock.fold and after_update):  # fold: the filter holds the next prior
+            cov = oracle.Pxx + abs(oracle.Pxu) + oracle.Puu
+            for name in ("Pxx", "Pxu", "Puu"):
+                check(f"{tag} {name}", f[name], getattr(oracle, name), cov, rtol)
+            check(f"{tag} qx", f["qx"], oracle.qx, oracle.qx, rtol)
+        check(f"{tag} R", f["R"], oracle.R, oracle.R, rtol)
+        compare_counters(tag, opt, oracle)
+
+    def predict_both(tag):
+        nonlocal phases
         opt.predict()
         oracle.predict()
+        clock.predicted()
         if variant == "M":  # the momentum move x^ = x + u is part of the weights' path
             with mpmath.workdps(DPS):
                 for i, us in enumerate(oracle.u):
                     path[i] += max((abs(v) for v in us), default=0)
+        compare(tag, after_update=False)
+
+    for k, step in enumerate(scenario.steps):
+        _schedule(step, opt, oracle)
+        for n in range(step.predicts):
+            phases += n > 0
+            predict_both(f"step {k} predict" + (f" {n + 1}/{step.predicts}" if step.predicts > 1 else ""))
         _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
+        clock.updated()
+        phases += 1
         with mpmath.workdps(DPS):
             for t in oracle.last_update.tensors:
                 if t.updated:
@@ -360,24 +580,6 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
                     if variant == "M":
                         vpath[t.index] += max((abs(t.c_u * d) for d in t.direction), default=0)
                     max_c_wd = max(max_c_wd, abs(t.c_x) * t.wd)
-            rtol = em.free_running_rtol(k + 1, n_max, max_c_wd)
-        if rtol > em.FLOAT64_TARGET:
-            raise AssertionError(f"scenario needs rtol {_fmt(rtol)} > the float64 target "
-                                 f"{em.FLOAT64_TARGET}: shrink it rather than widen the target")
-        tag = f"step {k}"
-        for i, p in enumerate(flat):
-            check(f"{tag} x[{i}]", p, oracle.x[i], path[i], rtol)
-            if variant == "M":
-                check(f"{tag} u[{i}]", opt.state[p]["velocity"], oracle.u[i], vpath[i], rtol)
-                check(f"{tag} xavg[{i}]", opt.state[p]["xavg"], oracle.xavg[i], path[i], rtol)
-        f = opt.filter_state
-        if variant == "V":
-            check(f"{tag} p", f["p"], oracle.p, oracle.p, rtol)
-        else:
-            scale = oracle.Pxx + abs(oracle.Pxu) + oracle.Puu
-            for name in ("Pxx", "Pxu", "Puu"):
-                check(f"{tag} {name}", f[name], getattr(oracle, name), scale, rtol)
-            check(f"{tag} qx", f["qx"], oracle.qx, oracle.qx, rtol)
-        check(f"{tag} R", f["R"], oracle.R, oracle.R, rtol)
-        compare_counters(tag, opt, oracle)
+        compare(f"step {k} update", after_update=True)
+    predict_both("final predict")
     return worst

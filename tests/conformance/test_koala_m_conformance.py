@@ -1,4 +1,7 @@
-"""KoalaM against the oracle's KOALA-M (KOALA.md §3, §4), every state entry at every step."""
+"""KoalaM against the oracle's KOALA-M (KOALA.md §3, §4), every state entry at every step.
+
+Runs on ``impl_m``: every implementation, and fold mode (``fold_predict=True``) where the Triton
+path runs (weights compared inside ``posterior_weights()``; see ``harness``)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,14 @@ SCENARIOS = scenarios("M")
 
 @pytest.mark.parametrize("dtype", harness.DTYPES, ids=[harness.DTYPE_IDS[d] for d in harness.DTYPES])
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids(SCENARIOS))
-def test_koala_m_each_step_within_the_error_model_of_its_dtype(scenario, dtype, impl, device):
-    steps = harness.run_restarted("M", scenario, dtype, impl, device)
+def test_koala_m_each_step_within_the_error_model_of_its_dtype(scenario, dtype, impl_m, device_m):
+    steps = harness.run_restarted("M", scenario, dtype, impl_m, device_m)
     assert steps == len(scenario.steps)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids(SCENARIOS))
-def test_koala_m_float64_trajectory_follows_the_oracle(scenario, impl, device):
-    worst = harness.run_free("M", scenario, impl, device)
+def test_koala_m_float64_trajectory_follows_the_oracle(scenario, impl_m, device_m):
+    worst = harness.run_free("M", scenario, impl_m, device_m)
     # every element was checked against its own bound inside (raising on the first one off);
     # the largest relative gap must also sit inside the issue's float64 target
     assert worst <= em.FLOAT64_TARGET

@@ -85,3 +85,40 @@ def test_oracle_koala_m_counts_every_element_in_the_distance_d():
     with mpmath.workdps(DPS):
         assert oracle.last_D == mpmath.mpf(5) / 5
         assert abs(oracle.qx - mpmath.mpf(1) / 10) < mpmath.mpf(10) ** -(DPS - 2)
+
+
+def test_oracle_predicts_twice_in_a_row_as_the_composed_time_update():
+    """A double predict (predict() twice before an update) is the time update applied twice:
+    x = x0 + (1 + a)·u0, u = a²·u0, P = F (F P0 Fᵀ + Q1) Fᵀ + Q2 with Qk = diag(qx_k, qv), each
+    qx_k from the distance D of the weights that predict starts from (KOALA-V: p = p0 + 2q).
+    Computed here with SymPy matrices in exact arithmetic; the inputs are dyadic, so the floats
+    the oracle gets are these numbers exactly."""
+    R_ = sp.Rational
+    a, qv, qw, sw, sc, sv = R_(3, 4), R_(1, 64), R_(1, 128), R_(1, 4), R_(1, 32), R_(1, 8)
+    x0, u0 = [R_(3, 2), R_(-1, 2), R_(5, 4)], [R_(1, 4), R_(-3, 4), R_(1, 8)]
+    oracle = KoalaMOracle([[float(v) for v in x0]], a=float(a), qv=float(qv), qw=float(qw),
+                          sw=float(sw), sc=float(sc), sv=float(sv))
+    oracle.load(u=[[float(v) for v in u0]])
+    F = sp.Matrix([[1, 1], [0, a]])
+    P = sp.Matrix([[sw, sc], [sc, sv]])
+    x, u, qx = list(x0), list(u0), qw
+    for _ in range(2):
+        oracle.predict()
+        D = sp.sqrt(sum(v * v for v in x)) / len(x)  # xavg = 0 before any update
+        qx = R_(9, 10) * qx + R_(1, 10) * D
+        P = F * P * F.T + sp.diag(qx, qv)
+        x, u = [xi + ui for xi, ui in zip(x, u)], [a * ui for ui in u]
+    assert x == [v + (1 + a) * w for v, w in zip(x0, u0)] and u == [a * a * w for w in u0]
+    with mpmath.workdps(DPS):
+        tol = mpmath.mpf(10) ** -(DPS - 5)
+
+        def gap(got, want):
+            return abs(got - mpmath.mpf(str(sp.N(want, DPS + 10))))
+
+        assert max(gap(g, w) for g, w in zip(oracle.x[0] + oracle.u[0], x + u)) <= tol
+        for name, want in (("Pxx", P[0, 0]), ("Pxu", P[0, 1]), ("Puu", P[1, 1]), ("qx", qx)):
+            assert gap(getattr(oracle, name), want) <= tol, name
+    v = KoalaVOracle([[0.5]], sigma=0.25, q=0.125)
+    v.predict()
+    v.predict()
+    assert v.p == mpmath.mpf(0.5)
