@@ -1,9 +1,12 @@
-"""KOALA's modelling assumptions as named, composable switches (KOALA.md §1-§3).
+"""KOALA's modelling assumptions as named, composable switches.
 
-Each function below turns one sentence of KOALA.md into the matrices the generic EKF
-(:mod:`oracle.ekf`) consumes. :class:`Assumptions` bundles them; ``KOALA_V`` and ``KOALA_M`` are
-the two bundles the package implements. Turning a switch off gives back the plain EKF, which is
-what the certificates compare against.
+Each function below turns one assumption of the KOALA paper (Davtyan et al., AAAI 2022: the
+KOALA-V and KOALA-M sections) or of the authors' official code (github.com/Araachie/koala:
+weight decay, per-tensor observations combined by a max) into the matrices the generic EKF
+(:mod:`oracle.ekf`) consumes; ``oracle/README.md`` maps every switch to its source.
+:class:`Assumptions` bundles them; ``KOALA_V`` and ``KOALA_M`` are the two bundles the package
+implements. Turning a switch off gives back the plain EKF, which is what the certificates compare
+against.
 
 State layout. A model has tensors of sizes ``sizes = (n_1, ..., n_T)``, n = sum(sizes) weights.
 KOALA-V's state is the weight vector x (length n). KOALA-M's state is s = [x; u] (weights then
@@ -35,8 +38,8 @@ __all__ = [
 class Assumptions:
     """Which of KOALA's approximations are applied on top of the generic EKF.
 
-    dynamics            "identity": f(x) = x, F = I (KOALA-V, §2).
-                        "momentum": f([x; u]) = [x + u; a u], F = [[1, 1], [0, a]] ⊗ I (KOALA-M, §3).
+    dynamics            "identity": f(x) = x, F = I (KOALA-V).
+                        "momentum": f([x; u]) = [x + u; a u], F = [[1, 1], [0, a]] ⊗ I (KOALA-M).
     isotropic           P and Q are ``block ⊗ I_n`` (P = p·I for KOALA-V; 2x2 ⊗ I for KOALA-M).
     largest_eigenvalue  in the covariance update, H^T H's weight block g g^T is replaced by its
                         largest eigenvalue ‖g‖² times I, which keeps P isotropic.
@@ -72,7 +75,7 @@ KOALA_M = Assumptions(dynamics="momentum")
 
 
 def dynamics_block(assumptions: Assumptions, a: sp.Expr) -> sp.Matrix:
-    """F's block: [[1]] for identity dynamics, [[1, 1], [0, a]] for momentum (KOALA.md §3)."""
+    """F's block: [[1]] for identity dynamics (KOALA-V), [[1, 1], [0, a]] for momentum (KOALA-M)."""
     if assumptions.dynamics == "identity":
         return sp.Matrix([[1]])
     return sp.Matrix([[1, 1], [0, a]])
@@ -124,14 +127,17 @@ def loss_observation(assumptions: Assumptions, sizes: Sequence[int], i: int, L: 
 
 
 def fractional_target(assumptions: Assumptions, lr: sp.Expr, observed: sp.Expr) -> sp.Expr:
-    """z = (1 - lr)·h(x^): lr is the fraction of the (regularised) loss to remove (KOALA.md §1)."""
+    """z = (1 - lr)·h(x^): lr is the fraction of the (regularised) loss to remove.
+
+    The paper's target L_target = (1 - lr)·L, with L the (regularised) observed loss.
+    """
     if not assumptions.fractional_target:
         raise ValueError("without a target model the observation z is the user's to give")
     return (1 - lr) * observed
 
 
 def largest_eigenvalue_replacement(assumptions: Assumptions, HtH: sp.Matrix, n: int) -> sp.Matrix:
-    """Replace the weight block g g^T of H^T H by λ_max(g g^T)·I_n (KOALA.md §2, §3).
+    """Replace the weight block g g^T of H^T H by λ_max(g g^T)·I_n (paper: KOALA-V and KOALA-M).
 
     H = [g^T, 0] has no velocity part, so H^T H = E ⊗-embedded g g^T with E = diag(1, 0); only
     its weight block is non-zero, which this function checks. λ_max is found by SymPy from the
@@ -152,7 +158,7 @@ def largest_eigenvalue_replacement(assumptions: Assumptions, HtH: sp.Matrix, n: 
 
 
 def layerwise_combine(assumptions: Assumptions, contractions: Sequence[sp.Expr]) -> sp.Expr:
-    """Combine the per-tensor covariance contractions h_i into the one shared h: their max."""
+    """Combine the per-tensor covariance contractions h_i into one h for all tensors: their max."""
     if not assumptions.layerwise:
         if len(contractions) != 1:
             raise ValueError("one observation per model when layer-wise observations are off")

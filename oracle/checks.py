@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-__all__ = ["Check", "is_zero", "no_float_constants"]
+__all__ = ["Check", "is_zero", "no_float_constants", "subtraction_free"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,17 @@ def no_float_constants(expr) -> bool:
     if isinstance(expr, sp.MatrixBase):
         return all(no_float_constants(e) for e in expr)
     return not sp.sympify(expr).atoms(sp.Float)
+
+
+def subtraction_free(expr, gens) -> bool:
+    """Numerator and denominator are polynomials in ``gens`` with non-negative coefficients.
+
+    With non-negative generators every term is ≥ 0, so evaluating the form in floating point
+    never subtracts and cannot cancel catastrophically.
+    """
+    num, den = sp.fraction(sp.together(expr))
+    for part in (num, den):
+        poly = sp.Poly(sp.expand(part), *gens)
+        if any(c.is_negative for c in poly.coeffs()) or not all(c.is_number for c in poly.coeffs()):
+            return False
+    return True

@@ -1,14 +1,17 @@
 """The generic Extended Kalman Filter, written once in SymPy.
 
-These two functions are the only hand-written mathematics in the oracle (KOALA.md §1, §6):
+These two functions are the only hand-written mathematics in the oracle. They are the EKF of the
+KOALA paper's Table 1 (Davtyan et al., AAAI 2022, arXiv 2107.03331):
 
     predict:  x^ = f(x)                 P^ = F P F^T + Q
     update:   S  = H P^ H^T + R         K  = P^ H^T S^-1
               x  = x^ + K (z - h(x^))   P  = (I - K H) P^
 
-with H = dh/dx evaluated at x^ (the EKF linearisation). Everything KOALA computes is obtained
-from them by the named assumptions in :mod:`oracle.assumptions`; :mod:`oracle.derive` applies the
-assumptions and lets SymPy do the algebra.
+with H = dh/dx evaluated at x^ (the EKF linearisation). The paper's observation is the loss,
+h = L, and its target z = L_target; the state model is x_k = f(x_{k-1}) + w with noise
+covariance Q, the observation L_target = L(x_k) + v with noise variance R. Everything KOALA
+computes is obtained from them by the named assumptions in :mod:`oracle.assumptions`;
+:mod:`oracle.derive` applies the assumptions and lets SymPy do the algebra.
 
 Matrices are ``sympy.Matrix``; entries may be symbols (derivation) or exact Rationals
 (certificates on tiny sizes). Nothing here rounds.

@@ -3,16 +3,18 @@
 The filter arithmetic is the derived closed forms of :mod:`oracle.derive`, turned into mpmath
 functions by ``sympy.lambdify`` (their constants are Rationals, printed as ``mpf(p)/mpf(q)`` and
 evaluated at the working precision). What the EKF does not give is written here, each rule
-marked with its KOALA.md section; its constants are Rationals too:
+marked (code) when it restates the official implementation (github.com/Araachie/koala,
+``koala.py``) and (package) when it is this package's own rule; its constants are Rationals too:
 
-* the skip rule: a tensor is skipped when its grad is None or ‖grad‖₂ < eps (§2, group eps);
+* the skip rule: a tensor is skipped when its grad is None or ‖grad‖₂ < eps (code; eps per
+  parameter group: package);
 * a non-finite loss, gradient or (while R is estimated) loss_var skips the whole measurement
   update (counted in ``skipped_steps``); ``step`` counts update calls; with a fixed r the
-  loss_var is not an input and is ignored;
-* the R estimator R ← β_R·R + (1 - β_R)·m2, updated before use, starting at 1 (§4);
+  loss_var is not an input and is ignored (package);
+* the R estimator R ← β_R·R + (1 - β_R)·m2, updated before use, starting at 1 (code);
 * KOALA-M's qx estimator qx ← 9/10·qx + 1/10·D with D = ‖concat(xavg_i - x_i)‖₂ / n over all
-  tensors, and the weight average xavg_i ← 9/10·xavg_i + 1/10·x_i after each tensor's step (§3);
-* KOALA-V's ``raw_grad_step``: the step goes along the raw gradient, S and h still use g~ (§2).
+  tensors, and the weight average xavg_i ← 9/10·xavg_i + 1/10·x_i after each tensor's step (code);
+* KOALA-V's ``raw_grad_step``: the step goes along the raw gradient, S and h still use g~ (code).
 
 Inputs (weights, gradients, losses, hyper-parameters) are converted exactly: a binary float is
 an mpf without rounding, whatever the precision. Tensors may be torch tensors, numpy arrays or
@@ -38,9 +40,9 @@ __all__ = ["DPS", "exact", "vector", "KoalaVOracle", "KoalaMOracle", "TensorTrac
 DPS = 60  # decimal digits of every oracle computation (the issue asks for at least 50)
 
 HALF = sp.Rational(1, 2)
-XAVG_DECAY = sp.Rational(9, 10)  # KOALA.md §3 (code): xavg <- 0.9 xavg + 0.1 x
-QX_DECAY = sp.Rational(9, 10)    # KOALA.md §3 (code): qx <- 0.9 qx + 0.1 D
-R_INIT = sp.Integer(1)           # KOALA.md §4 (code): the R estimate starts at 1.0
+XAVG_DECAY = sp.Rational(9, 10)  # official code, KOALA-M: xavg <- 0.9 xavg + 0.1 x
+QX_DECAY = sp.Rational(9, 10)    # official code, KOALA-M: qx <- 0.9 qx + 0.1 D
+R_INIT = sp.Integer(1)           # official code: the R estimate starts at 1.0
 
 
 def _rational(value: sp.Rational) -> mpmath.mpf:
@@ -221,7 +223,7 @@ class _KoalaOracle:
         if not finite:
             self.skipped_steps += 1
             return L, m2, g, False
-        if self.r_fixed is None:  # KOALA.md §4: EMA updated before use, no bias correction
+        if self.r_fixed is None:  # official code: EMA updated before use, no bias correction
             self.R = self.alpha_r * self.R + (1 - self.alpha_r) * m2
         return L, m2, g, True
 
@@ -255,7 +257,10 @@ class _KoalaOracle:
 
 
 class KoalaVOracle(_KoalaOracle):
-    """KOALA-V (KOALA.md §2) at ``DPS`` digits. Same constructor as ``koala_triton.KoalaV``."""
+    """KOALA-V (the paper's vanilla variant) at ``DPS`` digits.
+
+    Same constructor as ``koala_triton.KoalaV``.
+    """
 
     def __init__(self, params, lr=1.0, *, sigma=0.1, q=1.0, r=None, alpha_r=0.9,
                  weight_decay=0.0, eps=1e-9, raw_grad_step=False):
@@ -317,7 +322,10 @@ class KoalaVOracle(_KoalaOracle):
 
 
 class KoalaMOracle(_KoalaOracle):
-    """KOALA-M (KOALA.md §3) at ``DPS`` digits. Same constructor as ``koala_triton.KoalaM``."""
+    """KOALA-M (the paper's momentum variant) at ``DPS`` digits.
+
+    Same constructor as ``koala_triton.KoalaM``.
+    """
 
     def __init__(self, params, lr=1.0, *, sw=0.1, sc=0.0, sv=0.1, a=0.9, qw=1e-2, qv=1e-2,
                  r=None, alpha_r=0.9, weight_decay=0.0, eps=1e-9):
@@ -348,7 +356,7 @@ class KoalaMOracle(_KoalaOracle):
     def predict(self) -> None:
         f = _forms_m()
         with mpmath.workdps(DPS):
-            # D over ALL tensors, from the weights before they move (KOALA.md §3, code).
+            # D over ALL tensors, from the weights before they move (official code).
             sq = mpmath.fsum((m - v) ** 2 for xs, ms in zip(self.x, self.xavg) for v, m in zip(xs, ms))
             D = mpmath.sqrt(sq) / self.n
             self.last_D = D
