@@ -1,6 +1,6 @@
 r"""The scalar Kalman filter on the device: one program, float64 throughout.
 
-``filter_kernel`` evaluates exactly what ``koala_triton._filter`` evaluates with torch ops (the
+``filter_kernel`` evaluates exactly what ``koala_triton._kalman`` evaluates with torch ops (the
 same float64 expressions in the same order), from the per-chunk partial sums of the passes:
 
 1. *Pending predict tail* (KOALA-M, ``TAIL``): if the predict pass (or a folded update) raised
@@ -189,7 +189,7 @@ def filter_kernel(
         rho = tl.where(informative, noise / s_max, 1.0)
         if MOMENTUM:
             det = b_pxx * b_puu - b_pxu * b_pxu
-            # nothing measured (G = 0) leaves P̂uu bit for bit (R·P̂uu/R can round), as _filter does
+            # nothing measured (G = 0) leaves P̂uu bit for bit (R·P̂uu/R can round), as _kalman does
             measured = informative & (largest > 0)
             b_puu = tl.where(measured, (largest * det + noise * b_puu) / s_max, b_puu)
             b_pxu = b_pxu * rho
