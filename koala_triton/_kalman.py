@@ -28,17 +28,45 @@ COUNT = torch.int64
 QX_BETA = 0.9
 
 
-def new_filter(device: torch.device, **values: float) -> dict[str, Tensor]:
+#: The step counters every filter has, after its float64 values.
+COUNTERS = ("step", "skipped_steps")
+
+
+class Filter(dict):
+    """The global filter: name -> a live 0-dim view into one of two vectors.
+
+    ``value_vector`` [m] float64 holds the filter's scalars in the order they were given,
+    ``counter_vector`` [2] int64 the step counters (``COUNTERS``). Reading works as with any dict of tensors;
+    writing goes through ``store``, which replaces a whole vector with one ``copy_``. (That is
+    what ``torch.compile`` keeps: it drops in-place writes into 0-dim inputs and into views of
+    them, but not a ``copy_`` into a 1-D input.) Kernels write through the views' addresses.
+    """
+
+    def __init__(self, device: torch.device, **values: float):
+        self.value_vector = torch.tensor([float(v) for v in values.values()], dtype=FLOAT, device=device)
+        self.counter_vector = torch.zeros(len(COUNTERS), dtype=COUNT, device=device)
+        self.value_names = tuple(values)
+        super().__init__({name: self.value_vector[i] for i, name in enumerate(self.value_names)})
+        self.update({name: self.counter_vector[i] for i, name in enumerate(COUNTERS)})
+
+    def store(self, **new: Tensor) -> None:
+        """Write the named entries (0-dim tensors or numbers); the others keep their values."""
+        values = [new[n] if n in new else self[n] for n in self.value_names]
+        self.value_vector.copy_(torch.stack([torch.as_tensor(v, dtype=FLOAT, device=self.value_vector.device) for v in values]))
+        if any(n in new for n in COUNTERS):
+            counts = [new[n] if n in new else self[n] for n in COUNTERS]
+            self.counter_vector.copy_(torch.stack([torch.as_tensor(c, dtype=COUNT, device=self.counter_vector.device)
+                                             for c in counts]))
+
+
+def new_filter(device: torch.device, **values: float) -> Filter:
     """Create the filter state eagerly: float64 scalars plus int64 step counters."""
-    filt = {k: torch.tensor(float(v), dtype=FLOAT, device=device) for k, v in values.items()}
-    filt["step"] = torch.zeros((), dtype=COUNT, device=device)
-    filt["skipped_steps"] = torch.zeros((), dtype=COUNT, device=device)
-    return filt
+    return Filter(device, **values)
 
 
-def predict_v(filt: dict[str, Tensor], q: float) -> None:
+def predict_v(filt: Filter, q: float) -> None:
     """KOALA-V time update: p̂ = p + q."""
-    filt["p"].add_(q)
+    filt.store(p=filt["p"] + q)
 
 
 def predict_m(filt: dict[str, Tensor], distance: Tensor, *, a: float, qv: float) -> None:
@@ -48,15 +76,9 @@ def predict_m(filt: dict[str, Tensor], distance: Tensor, *, a: float, qv: float)
         distance: 0-dim float64, D = ‖xavg − x‖₂ / n over all parameters (the official code's
             Euclidean norm, not squared).
     """
-    qx = filt["qx"]
-    qx.mul_(QX_BETA).add_((1.0 - QX_BETA) * distance)
+    qx = filt["qx"] * QX_BETA + (1.0 - QX_BETA) * distance
     pxx, pxu, puu = filt["Pxx"], filt["Pxu"], filt["Puu"]
-    new_pxx = pxx + 2.0 * pxu + puu + qx
-    new_pxu = a * (pxu + puu)
-    new_puu = (a * a) * puu + qv
-    pxx.copy_(new_pxx)
-    pxu.copy_(new_pxu)
-    puu.copy_(new_puu)
+    filt.store(qx=qx, Pxx=pxx + 2.0 * pxu + puu + qx, Pxu=a * (pxu + puu), Puu=(a * a) * puu + qv)
 
 
 @dataclass
@@ -108,9 +130,9 @@ class IsotropicCovariance:
 
     @staticmethod
     def contract(filt: dict[str, Tensor], *, largest: Tensor, noise: Tensor, s_max: Tensor, rho: Tensor,
-                 informative: Tensor) -> None:
-        """p⁺ = ρ·p̂ (stable form of p̂ − p̂²·G/S)."""
-        filt["p"].mul_(rho)
+                 informative: Tensor) -> dict[str, Tensor]:
+        """The posterior entries: p⁺ = ρ·p̂ (stable form of p̂ − p̂²·G/S)."""
+        return {"p": filt["p"] * rho}
 
 
 class MomentumCovariance:
@@ -125,17 +147,15 @@ class MomentumCovariance:
 
     @staticmethod
     def contract(filt: dict[str, Tensor], *, largest: Tensor, noise: Tensor, s_max: Tensor, rho: Tensor,
-                 informative: Tensor) -> None:
-        """Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S (stable forms of
-        P̂ − P̂·diag(h, 0)·P̂)."""
+                 informative: Tensor) -> dict[str, Tensor]:
+        """The posterior entries: Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S
+        (stable forms of P̂ − P̂·diag(h, 0)·P̂)."""
         pxx, pxu, puu = filt["Pxx"], filt["Pxu"], filt["Puu"]
         det = pxx * puu - pxu * pxu
         # Nothing measured (G = 0) must leave P̂uu bit for bit: R·P̂uu/R can round.
         measured = informative & (largest > 0)
         new_puu = torch.where(measured, (largest * det + noise * puu) / s_max, puu)
-        pxx.mul_(rho)
-        pxu.mul_(rho)
-        puu.copy_(new_puu)
+        return {"Pxx": pxx * rho, "Pxu": pxu * rho, "Puu": new_puu}
 
 
 #: The covariance models, one per KOALA variant.
@@ -170,7 +190,7 @@ def measure(
 ) -> Gains:
     """Measurement update of the global filter; returns the per-tensor step coefficients.
 
-    Updates ``filt`` in place (R, the covariance, the counters). With G the largest ‖g̃_i‖²
+    Updates ``filt`` (R, the covariance, the counters) with one write per vector. With G the largest ‖g̃_i‖²
     among updated tensors, S = P̂xx·G + R and ρ = R/S, the covariance contracts by
     ``covariance.contract`` (the stable forms derived in ``oracle/``).
     """
@@ -195,8 +215,8 @@ def measure(
     informative = s_max > 0
     s_max = torch.where(informative, s_max, one)
     rho = torch.where(informative, noise / s_max, one)
-    covariance.contract(filt, largest=largest, noise=noise, s_max=s_max, rho=rho, informative=informative)
-    filt["R"].copy_(noise)
-    filt["step"].add_(1)
-    filt["skipped_steps"].add_((~finite).to(COUNT))
+    posterior = covariance.contract(filt, largest=largest, noise=noise, s_max=s_max, rho=rho,
+                                    informative=informative)
+    filt.store(**posterior, R=noise, step=filt["step"] + 1,
+               skipped_steps=filt["skipped_steps"] + (~finite).to(COUNT))
     return Gains(coef_x=coef_x, coef_u=coef_u, updated=ok.to(FLOAT))
