@@ -7,11 +7,11 @@ them. Per-tensor vectors have one entry per parameter tensor that has a gradient
 this step, in the order the caller chose.
 
 Filter state keys (``filter_state`` of the optimizers):
-    KOALA-V: ``p`` (isotropic covariance), ``R``, ``step``, ``skipped_steps``
-    KOALA-M: ``Pxx``, ``Pxu``, ``Puu`` (the 2x2 covariance), ``qx``, ``R``, ``step``,
-             ``skipped_steps``
-``step`` counts measurement updates attempted; ``skipped_steps`` those skipped because the
-loss, its second moment or a gradient was not finite.
+    KOALA-V: ``p`` (isotropic covariance), ``R``, and the counters
+    KOALA-M: ``Pxx``, ``Pxu``, ``Puu`` (the 2x2 covariance), ``qx``, ``R``, and the counters
+Counters (int64): ``step`` counts measurement updates attempted; ``skipped_steps`` those
+skipped because the loss, its second moment or a gradient was not finite (or a GradScaler
+found an inf); ``below_floor_steps`` the others whose mean loss was below the loss floor.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ COUNT = torch.int64
 QX_BETA = 0.9
 
 
-#: The step counters every filter has, after its float64 values.
-COUNTERS = ("step", "skipped_steps")
+#: The counters every filter has, after its float64 values: measurement updates attempted, those
+#: skipped (a non-finite loss or gradient, or a GradScaler's inf), and those whose loss was below
+#: the loss floor (KOALA aims the loss at the floor: an update from below it ascends).
+COUNTERS = ("step", "skipped_steps", "below_floor_steps")
 
 
 class Filter(dict):
@@ -86,12 +88,15 @@ class Measurement:
     """Per-step inputs of the measurement update, all float64 on the filter's device.
 
     Attributes:
-        loss: 0-dim, the minibatch mean loss L.
-        loss_sq_mean: 0-dim, mean of squared per-sample losses (ignored when R is fixed).
+        loss: 0-dim, the minibatch mean loss L above its floor (L − f; f = 0 by default).
+        loss_sq_mean: 0-dim, mean of squared per-sample losses above the floor (ignored when R
+            is fixed).
         grad_sq: [k], ‖grad_i‖² of the raw gradient (skip rule and finiteness).
         reg_grad_sq: [k], ‖g̃_i‖² with g̃_i = grad_i + wd_i·x_i.
         param_sq: [k], ‖x_i‖² (only used where wd_i ≠ 0; any finite value elsewhere).
         lr, weight_decay, eps: [k], the group values of each tensor.
+        found_inf: a ``GradScaler``'s inf flag (any float dtype, non-zero: skip the whole
+            update, as for a non-finite input), or None.
     """
 
     loss: Tensor
@@ -102,6 +107,7 @@ class Measurement:
     lr: Tensor
     weight_decay: Tensor
     eps: Tensor
+    found_inf: Tensor | None = None
 
 
 @dataclass
@@ -166,6 +172,8 @@ Covariance = IsotropicCovariance | MomentumCovariance
 
 def _finite_and_noise(filt, m: Measurement, r: float | None, alpha_r: float):
     finite = torch.isfinite(m.loss) & torch.isfinite(m.reg_grad_sq.sum() + m.grad_sq.sum())
+    if m.found_inf is not None:
+        finite = finite & (m.found_inf.reshape(()) == 0)
     if r is None:
         finite = finite & torch.isfinite(m.loss_sq_mean)
         ema = alpha_r * filt["R"] + (1.0 - alpha_r) * m.loss_sq_mean
@@ -218,5 +226,6 @@ def measure(
     posterior = covariance.contract(filt, largest=largest, noise=noise, s_max=s_max, rho=rho,
                                     informative=informative)
     filt.store(**posterior, R=noise, step=filt["step"] + 1,
-               skipped_steps=filt["skipped_steps"] + (~finite).to(COUNT))
+               skipped_steps=filt["skipped_steps"] + (~finite).to(COUNT),
+               below_floor_steps=filt["below_floor_steps"] + (finite & (m.loss < 0)).to(COUNT))
     return Gains(coef_x=coef_x, coef_u=coef_u, updated=ok.to(FLOAT))

@@ -26,24 +26,31 @@ class LossInput:
         loss_var: with a scalar loss and adaptive R, the mean of squared per-sample losses []
             (same conventions); else None.
         adaptive: R is estimated (``r=None``): the second moment is needed.
+        floor: the loss's known lower bound f (``loss_floor``): the update observes L − f.
     """
 
     loss: Tensor
     loss_var: Tensor | None
     adaptive: bool
+    floor: float = 0.0
 
     @property
     def per_sample(self) -> bool:
         return self.loss.dim() == 1
 
     def moments(self) -> tuple[Tensor, Tensor | None]:
-        """(mean, mean of squares or None) as float64 0-dim tensors, with torch ops."""
-        loss_t = self.loss.to(FLOAT)
+        """(mean, mean of squares or None) of the loss above its floor, l − f, as float64
+        0-dim tensors, with torch ops (the Triton filter kernel evaluates the same
+        expressions)."""
+        f = self.floor
         if self.per_sample:
-            return loss_t.mean(), (loss_t * loss_t).mean() if self.adaptive else None
+            shifted = self.loss.to(FLOAT) - f
+            return shifted.mean(), (shifted * shifted).mean() if self.adaptive else None
+        raw = self.loss.to(FLOAT)
         if not self.adaptive:
-            return loss_t, None
-        return loss_t, self.loss_var.to(FLOAT)
+            return raw - f, None
+        # mean of (l − f)² = mean of l² − 2f·mean of l + f²
+        return raw - f, (self.loss_var.to(FLOAT) - raw * (2.0 * f)) + f * f
 
 
 def _scalar(name: str, value, device: torch.device) -> Tensor:
@@ -59,7 +66,7 @@ def _scalar(name: str, value, device: torch.device) -> Tensor:
     return torch.full((), float(value), dtype=FLOAT, device=device)
 
 
-def validate(loss, loss_var, *, adaptive: bool, device: torch.device) -> LossInput:
+def validate(loss, loss_var, *, adaptive: bool, device: torch.device, floor: float = 0.0) -> LossInput:
     """Check ``loss`` (per-sample [B], or a mean: 0-dim tensor or float) and ``loss_var``.
 
     Raises:
@@ -71,17 +78,34 @@ def validate(loss, loss_var, *, adaptive: bool, device: torch.device) -> LossInp
             raise ValueError("loss: the per-sample loss vector is empty")
         if loss_var is not None:
             raise ValueError("loss_var must not be given with per-sample losses (it is computed from them)")
-        return LossInput(loss_t, None, adaptive)
+        return LossInput(loss_t, None, adaptive, floor)
     if loss_t.dim() != 0:
         raise ValueError(f"loss must be a scalar or a 1-D tensor of per-sample losses, got shape {tuple(loss_t.shape)}")
     if not adaptive:
-        return LossInput(loss_t, None, adaptive)
+        return LossInput(loss_t, None, adaptive, floor)
     if loss_var is None:
         raise ValueError(
             "loss_var is required with a scalar loss when R is estimated (r=None): pass the "
-            "per-sample losses as loss, or loss_var = mean of squared per-sample losses, or set r"
+            "per-sample losses as loss (or to observe()), or loss_var = mean of squared "
+            "per-sample losses, or set r"
         )
     var_t = _scalar("loss_var", loss_var, device)
     if var_t.dim() != 0:
         raise ValueError(f"loss_var must be a scalar, got shape {tuple(var_t.shape)}")
-    return LossInput(loss_t, var_t, adaptive)
+    return LossInput(loss_t, var_t, adaptive, floor)
+
+
+def combine(first: LossInput, second: LossInput) -> LossInput:
+    """Two observations of one update (gradient accumulation): per-sample vectors concatenated,
+    scalar losses and their ``loss_var`` averaged with equal weights (on the device).
+
+    Raises:
+        ValueError: one is per-sample and the other a scalar.
+    """
+    if first.per_sample != second.per_sample:
+        raise ValueError("observe(): per-sample losses and scalar losses cannot be combined for one update; "
+                         "hand over the same form every time")
+    if first.per_sample:
+        return LossInput(torch.cat([first.loss.to(FLOAT), second.loss.to(FLOAT)]), None, first.adaptive, first.floor)
+    var = None if first.loss_var is None else (first.loss_var.to(FLOAT) + second.loss_var.to(FLOAT)) / 2
+    return LossInput((first.loss.to(FLOAT) + second.loss.to(FLOAT)) / 2, var, first.adaptive, first.floor)

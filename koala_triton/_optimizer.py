@@ -9,6 +9,7 @@ backend, ``_backend.Backend``: the PyTorch or the Triton path, chosen by ``_disp
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -22,6 +23,11 @@ from ._predict_state import PredictState
 
 #: Hyper-parameters that may differ between param groups; all others belong to the filter.
 GROUP_KEYS = ("lr", "weight_decay", "eps")
+
+#: Filter settings added after checkpoints were first written, with the value an older
+#: checkpoint (without the entry) was saved under; and counters likewise (they start at 0).
+_HYPER_SINCE = {"loss_floor": 0.0}
+_COUNTERS_SINCE = ("below_floor_steps",)
 
 
 class KoalaOptimizer(Optimizer):
@@ -68,7 +74,9 @@ class KoalaOptimizer(Optimizer):
             _validation.check_nonnegative("lr", param_group["lr"])
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
+        # named parameters, as torch.optim accepts them: (name, tensor) pairs
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        for p in tensors:
             _validation.check_param(p)
             if self._device is None:
                 self._device = p.device
@@ -79,7 +87,7 @@ class KoalaOptimizer(Optimizer):
                 )
         param_group["params"] = params
         super().add_param_group(param_group)
-        for p in params:
+        for p in tensors:
             self._init_param_state(p)
 
     def _init_param_state(self, p: Tensor) -> None:
@@ -90,8 +98,12 @@ class KoalaOptimizer(Optimizer):
         return self._planner.flat(self.param_groups)[0]
 
     def _plan(self) -> StepPlan:
-        """The tensors with a gradient this step and their group values (``StepPlanner.plan``)."""
-        return self._planner.plan(self.param_groups, self._device)
+        """The tensors with a gradient this step and their group values (``StepPlanner.plan``),
+        with the gradient scale and inf flag a ``GradScaler`` set on the optimizer, if any."""
+        plan = self._planner.plan(self.param_groups, self._device)
+        plan.grad_scale = getattr(self, "grad_scale", None)
+        plan.found_inf = getattr(self, "found_inf", None)
+        return plan
 
     # ------------------------------------------------------------------ public protocol
     @property
@@ -113,12 +125,35 @@ class KoalaOptimizer(Optimizer):
 
     @torch.no_grad()
     def predict(self) -> None:
-        """Time update (KOALA's predict): call before the forward pass of each iteration."""
+        """Time update (KOALA's predict): call before the forward pass of each iteration.
+
+        Idempotent within an iteration: a second ``predict()`` before the measurement update
+        does nothing, so a framework or a skipped update can never apply two time updates.
+        """
+        if self._predict_state.requested:
+            return
         if self._predict_state.folded:  # fold mode: the last update already performed it
             self._predict_state.to_prior(by_update=True)
             return
         self._predict()
         self._predict_state.to_prior()
+
+    def observe(self, loss, loss_var=None) -> None:
+        """Hand the loss of the coming update to the optimizer where it is computed.
+
+        For training loops that call ``step()`` or ``step(closure)`` themselves (HF Trainer,
+        Lightning, ``GradScaler.step``): call ``observe(per_sample_losses)`` after the forward
+        pass, and the next update uses it. Several calls before one update (gradient
+        accumulation) are combined: per-sample vectors are concatenated, scalar losses (with
+        ``loss_var``) averaged with equal weights; mixing the two is refused. The losses stay
+        on the device (detached); nothing is read on the host.
+
+        Args:
+            loss, loss_var: as in ``step``.
+        """
+        observed = _loss.validate(loss, loss_var, adaptive=self._hyper["r"] is None, device=self._device,
+                                   floor=self._hyper["loss_floor"])
+        self._predict_state.observe(observed)
 
     def update(self, loss, loss_var=None):
         """The official API: measurement update with the minibatch mean ``loss`` and
@@ -133,15 +168,24 @@ class KoalaOptimizer(Optimizer):
         Args:
             closure: optional; re-evaluates the model under ``enable_grad`` and returns the
                 per-sample losses ``[B]`` or the mean loss ``[]``. ``step(closure)`` is a whole
-                iteration: predict (if needed), closure, update.
+                iteration: predict (if needed), closure, update. If the closure hands the
+                per-sample losses to ``observe``, those are used (its return value may then be
+                anything, e.g. the mean loss a framework expects).
             loss: without a closure, the per-sample losses ``[B]`` (mean and mean of squares
-                are taken on the device) or the mean loss (a 0-dim tensor or a float).
+                are taken on the device) or the mean loss (a 0-dim tensor or a float). Without
+                it, the losses given to ``observe`` since the last update.
             loss_var: with a scalar loss and adaptive R (``r=None``), the mean of the squared
                 per-sample losses.
+
+        ``torch.amp.GradScaler.step(opt)`` works: the optimizer declares
+        ``_step_supports_amp_scaling``, so the scaler hands it ``grad_scale`` and ``found_inf``;
+        gradients are unscaled inside the passes, and a step with ``found_inf`` is skipped on the
+        device and counted in ``filter_state["skipped_steps"]``, without a host sync.
 
         Returns:
             The closure's result, or ``loss`` as given.
         """
+        adaptive = self._hyper["r"] is None
         if closure is not None:
             if loss is not None:
                 raise ValueError("step(): pass either a closure or loss=..., not both")
@@ -149,23 +193,36 @@ class KoalaOptimizer(Optimizer):
                 self.predict()
             with torch.enable_grad():
                 result = closure()
-            if result is None:
-                raise ValueError("step(closure): the closure must return the loss (per-sample or mean)")
-            loss = result
-        else:
-            if loss is None:
+            if self._predict_state.observed is not None:
+                loss_in = self._predict_state.observed
+            elif result is None:
+                raise ValueError("step(closure): the closure must return the loss (per-sample or mean), "
+                                 "or hand the per-sample losses to observe()")
+            else:
+                loss_in = _loss.validate(result, None, adaptive=adaptive, device=self._device,
+                                      floor=self._hyper["loss_floor"])
+        elif loss is None:
+            if self._predict_state.observed is None:
                 raise ValueError(
                     f"{type(self).__name__}.step() needs the loss: step(loss=per_sample_losses), "
-                    "update(loss, loss_var) or step(closure); KOALA's update is driven by the loss value"
+                    "update(loss, loss_var), step(closure), or observe(per_sample_losses) before "
+                    "step(); KOALA's update is driven by the loss value"
                 )
-            result = loss
-        # Validate the loss before the implicit predict, so bad input changes no state.
-        loss_in = _loss.validate(loss, loss_var, adaptive=self._hyper["r"] is None, device=self._device)
+            loss_in, result = self._predict_state.observed, None
+        else:
+            if self._predict_state.observed is not None:
+                raise ValueError("step(loss=...) after observe(): hand the loss over one way, not both")
+            # Validate the loss before the implicit predict, so bad input changes no state.
+            loss_in, result = _loss.validate(loss, loss_var, adaptive=adaptive, device=self._device,
+                                      floor=self._hyper["loss_floor"]), loss
         if not self._predict_state.requested:
             self._implicit_predict()
         self._measure(loss_in)
         self._predict_state.to_posterior(folded=self._fold_mode())
         return result
+
+    #: ``torch.amp.GradScaler`` hands ``grad_scale`` and ``found_inf`` to ``step`` (see there).
+    _step_supports_amp_scaling = True
 
     def _implicit_predict(self) -> None:
         self.predict()
@@ -189,20 +246,68 @@ class KoalaOptimizer(Optimizer):
         koala = state_dict.pop("koala", None)
         if koala is None:
             raise ValueError(f"state_dict has no 'koala' entry: it was not saved by {type(self).__name__}")
-        if set(koala["filter"]) != set(self._filter) or set(koala["hyper"]) != set(self._hyper):
+        saved_hyper = {**{k: v for k, v in _HYPER_SINCE.items() if k in self._hyper}, **koala["hyper"]}
+        saved_filter = {**{k: torch.zeros((), dtype=torch.int64) for k in _COUNTERS_SINCE if k in self._filter},
+                        **koala["filter"]}
+        if set(saved_filter) != set(self._filter) or set(saved_hyper) != set(self._hyper):
             raise ValueError(f"state_dict was saved by a different optimizer than {type(self).__name__}")
         self._check_checkpoint_mode(koala)
         super().load_state_dict(state_dict)
-        for key, value in koala["filter"].items():
+        # The checkpoint's filter settings replace the constructor's, as torch.optim's
+        # load_state_dict replaces the param groups' (a run resumes as it was saved); say so
+        # when they differ.
+        changed = [f"{k}: {self._hyper[k]!r} -> {v!r}" for k, v in saved_hyper.items() if self._hyper[k] != v]
+        if changed:
+            warnings.warn(f"{type(self).__name__}.load_state_dict: the checkpoint's filter settings replace "
+                          f"this optimizer's ({'; '.join(changed)})", UserWarning, stacklevel=2)
+        for key, value in saved_filter.items():
             # copy_ into the existing tensors keeps their dtype (float64) and identity.
             self._filter[key].copy_(value.to(self._filter[key].dtype))
-        self._hyper.update(koala["hyper"])
+        self._hyper.update(saved_hyper)
         self._predict_state.load_checkpoint(koala)
         # Deferred work of the backend (a pending predict tail) belonged to the replaced
         # filter; tables and buffers are rebuilt on the next step. The state tensors were
         # replaced too, so cached lists of them go.
         self._state = self._backend.new_state(self._predict_state, self._device)
         self._planner.clear()
+
+    # ------------------------------------------------------------------ copies and repr
+    #: Attributes rebuilt from the others when an optimizer is unpickled or deep-copied.
+    _RUNTIME = ("_backend", "_state", "_planner", "_filter", "_predict_state")
+
+    def __getstate__(self) -> dict:
+        """Everything ``pickle``/``copy.deepcopy`` need: torch.optim's state and param groups,
+        the settings, the filter's values and where the iteration stands. Caches and the
+        backend state are rebuilt on load (as after ``load_state_dict``)."""
+        self._backend.settle(self._filter, self._state)
+        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        state["_filter_values"] = {k: v.detach().clone() for k, v in self._filter.items()}
+        state["_predict_checkpoint"] = self._predict_state.to_checkpoint(fold=self._fold_mode())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if "_filter_values" not in state:  # torch.optim's load_state_dict sets state and groups this way
+            super().__setstate__(state)
+            return
+        state = dict(state)
+        values = state.pop("_filter_values")
+        predict = state.pop("_predict_checkpoint")
+        super().__setstate__(state)
+        self._backend = _dispatch.backend(self._use_triton)
+        self._filter = _kalman.new_filter(self._device, **{k: 0.0 for k in self._initial_filter()})
+        for key, value in values.items():
+            self._filter[key].copy_(value.to(device=self._device, dtype=self._filter[key].dtype))
+        self._predict_state = PredictState()
+        self._predict_state.load_checkpoint(predict)
+        self._planner = StepPlanner(type(self).__name__)
+        self._state = self._backend.new_state(self._predict_state, self._device)
+
+    def __repr__(self) -> str:
+        lines = super().__repr__().split("\n")
+        settings = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
+        path = "triton" if self._use_triton else "torch"
+        extra = ", fold_predict=True" if self._fold_mode() else ""
+        return "\n".join([lines[0], f"Filter: {settings}, path={path}{extra}", *lines[1:]])
 
     # ------------------------------------------------------------------ subclass hooks
     def _fold_mode(self) -> bool:

@@ -62,6 +62,10 @@ class StepPlan:
         lr, weight_decay, eps: [k] float64 device vectors, each tensor's group values.
         layout: the cached layout this plan was made from (``params`` and ``indices`` are its
             lists: read them, do not mutate them).
+        grad_scale: a ``GradScaler``'s scale S (float32 device scalar): the gradients hold S·g;
+            None when they are not scaled.
+        found_inf: a ``GradScaler``'s inf flag (float32 device scalar, non-zero: skip the
+            update); None without a scaler.
     """
 
     params: list[Tensor]
@@ -73,6 +77,8 @@ class StepPlan:
     weight_decay: Tensor
     eps: Tensor
     layout: StepLayout | None = None
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
 
 
 @dataclass

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._loss import LossInput, combine
+
 
 @dataclass
 class PredictState:
@@ -28,14 +30,15 @@ class PredictState:
         folded: fold mode: the last measurement update also performed the next time update,
             so the next ``predict()`` only acknowledges it.
         deferred: time updates whose scalar (covariance) part a backend has deferred into its
-            next filter kernel: KOALA-V's ``p += q`` per predict, or KOALA-M's pending predict
-            tail (at most one: a second predict applies the first one's tail before its pass).
+            next filter kernel: KOALA-V's ``p += q``, or KOALA-M's pending predict tail.
+        observed: the losses handed to ``observe()`` for the coming update, or None.
     """
 
     requested: bool = False
     time_updates: int = 0
     folded: bool = False
     deferred: int = 0
+    observed: LossInput | None = None
 
     # ------------------------------------------------------------------ transitions
     def to_prior(self, *, by_update: bool = False) -> None:
@@ -49,10 +52,16 @@ class PredictState:
             self.time_updates += 1
 
     def to_posterior(self, *, folded: bool = False) -> None:
-        """A measurement update ran. ``folded``: it also performed the next time update."""
+        """A measurement update ran (it used the observed losses, if any). ``folded``: it also
+        performed the next time update."""
         self.requested = False
         self.folded = folded
         self.time_updates = 1 if folded else 0
+        self.observed = None
+
+    def observe(self, loss: LossInput) -> None:
+        """Losses for the coming update (combined with those observed before it)."""
+        self.observed = loss if self.observed is None else combine(self.observed, loss)
 
     # ------------------------------------------------------------------ deferred scalar work
     def defer(self) -> None:

@@ -16,6 +16,7 @@ allocated per step and the optimizer holds no extra memory between steps.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -33,10 +34,12 @@ FLOAT = _kalman.FLOAT
 @dataclass
 class TorchState:
     """The PyTorch backend's state: the shared predict state and, on CPU, one scratch buffer
-    per parameter tensor (keyed by its flat index)."""
+    per parameter tensor (keyed by its flat index; ``unscaled`` holds a second one per tensor
+    for gradients unscaled from a ``GradScaler``'s scale)."""
 
     predict: PredictState
     scratch: dict[int, Tensor] = field(default_factory=dict)
+    unscaled: dict[int, Tensor] = field(default_factory=dict)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,15 +59,18 @@ def squared_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
     return norms * norms
 
 
-def scratch(state: TorchState, keys: list[int], like: list[Tensor]) -> list[Tensor]:
-    """One buffer per tensor of ``like`` (same shape, compute dtype), reused on CPU."""
-    store = state.scratch
+def scratch(state: TorchState, keys: list[int], like: list[Tensor], *, store: dict | None = None,
+            same_dtype: bool = False) -> list[Tensor]:
+    """One buffer per tensor of ``like`` (same shape; compute dtype, or ``like``'s own with
+    ``same_dtype``), reused on CPU (kept in ``store``, by default ``state.scratch``)."""
+    store = state.scratch if store is None else store
     keep = like[0].device.type == "cpu" if like else False
     out = []
     for key, t in zip(keys, like):
+        dtype = t.dtype if same_dtype else compute_dtype(t.dtype)
         buf = store.get(key) if keep else None
-        if buf is None or buf.shape != t.shape or buf.dtype != compute_dtype(t.dtype) or buf.device != t.device:
-            buf = torch.empty(t.shape, dtype=compute_dtype(t.dtype), device=t.device)
+        if buf is None or buf.shape != t.shape or buf.dtype != dtype or buf.device != t.device:
+            buf = torch.empty(t.shape, dtype=dtype, device=t.device)
             if keep:
                 store[key] = buf
         out.append(buf)
@@ -87,6 +93,18 @@ def _regularised_directions(plan: StepPlan, buffers: list[Tensor]) -> list[Tenso
     return directions
 
 
+def _unscaled(plan: StepPlan, state: TorchState) -> StepPlan:
+    """``plan`` with its gradients divided by a ``GradScaler``'s scale S (into buffers of the
+    gradients' dtype; exact when S is a power of two, as the scaler's always is)."""
+    if plan.grad_scale is None:
+        return plan
+    inv = 1.0 / plan.grad_scale.to(FLOAT).reshape(())
+    bufs = scratch(state, plan.indices, plan.grads, store=state.unscaled, same_dtype=True)
+    for g, buf in zip(plan.grads, bufs):
+        torch.mul(g, inv.to(g.dtype), out=buf)
+    return dataclasses.replace(plan, grads=bufs, grad_scale=None)
+
+
 def _measurement(plan: StepPlan, directions, loss, loss_sq_mean, device) -> _kalman.Measurement:
     plain = plan.num_plain
     grad_sq = squared_norms(plan.grads, device)
@@ -103,6 +121,7 @@ def _measurement(plan: StepPlan, directions, loss, loss_sq_mean, device) -> _kal
         lr=plan.lr,
         weight_decay=plan.weight_decay,
         eps=plan.eps,
+        found_inf=plan.found_inf,
     )
 
 
@@ -131,6 +150,7 @@ def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: To
     Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
     device = filt["R"].device
     loss_mean, loss_sq_mean = loss.moments()
+    plan = _unscaled(plan, state)
     buffers = scratch(state, plan.indices, plan.params)
     directions = _regularised_directions(plan, buffers)
     m = _measurement(plan, directions, loss_mean, loss_sq_mean, device)

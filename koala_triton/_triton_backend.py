@@ -121,14 +121,16 @@ def _buffer(state: TritonState, name: str, numel: int, dtype: torch.dtype, devic
     return buf
 
 
-def _const(state: TritonState, device: torch.device, *, alpha_r: float, a: float, qv: float) -> Tensor:
-    """[7] float64 hyper-parameter vector (layout: ``kernels/kalman.py``), uploaded once per
+def _const(state: TritonState, device: torch.device, *, alpha_r: float, a: float, qv: float,
+           floor: float = 0.0) -> Tensor:
+    """[10] float64 hyper-parameter vector (layout: ``kernels/kalman.py``), uploaded once per
     value set."""
-    key = ("const", alpha_r, a, qv)
+    key = ("const", alpha_r, a, qv, floor)
     vec = state.constants.get(key)
     if vec is None:
         beta = _kalman.QX_BETA
-        host = torch.tensor([alpha_r, 1.0 - alpha_r, a, a * a, qv, beta, 1.0 - beta], dtype=FLOAT)
+        host = torch.tensor([alpha_r, 1.0 - alpha_r, a, a * a, qv, beta, 1.0 - beta,
+                             floor, 2.0 * floor, floor * floor], dtype=FLOAT)
         if device.type == "cuda":
             host = host.pin_memory()
             state.constants[("const_host",) + key[1:]] = host  # source of an asynchronous copy: keep it
@@ -182,9 +184,10 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
     else:  # KOALA-V: p̂ = p + q + … + q, once per deferred predict
         a, qv = 0.0, state.v_q
         v_predicts = deferred
-    const = _const(state, device, alpha_r=alpha_r, a=a, qv=qv)
+    const = _const(state, device, alpha_r=alpha_r, a=a, qv=qv, floor=loss.floor if measure else 0.0)
     pending = _pending(state, device)
     dummy = filt["R"]
+    found_inf = plan.found_inf if measure else None
     blocks = blocks_for(device)
     k = len(plan.params) if measure else 0
     loss_args = _loss_args(loss) if measure else dict(
@@ -193,6 +196,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         filter_kernel, (1,), device,
         **_filter_args(filt, covariance),
         p_r=filt["R"], p_step=filt["step"], p_skipped=filt["skipped_steps"],
+        p_below=filt["below_floor_steps"], p_found_inf=found_inf if found_inf is not None else dummy,
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
         p_slot_chunks=table.slot_chunks if k else _no_slots(state, device),
@@ -207,7 +211,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         numel_total=max(tail.numel, 1) if tail is not None else 1,
         v_predicts=v_predicts,
         MOMENTUM=covariance.velocity, ADAPTIVE=measure and r is None, MEASURE=measure,
-        TAIL=tail is not None, V_PREDICT=v_predicts > 0,
+        TAIL=tail is not None, V_PREDICT=v_predicts > 0, FOUND_INF=found_inf is not None,
         BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
     )
 
@@ -223,7 +227,7 @@ def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, devi
         launch(
             norms_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
-            chunk_base=group.chunk_base,
+            **_scale_args(plan, partials), chunk_base=group.chunk_base,
             DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
         )
     _launch_filter(filt, state, device, covariance, plan=plan, table=table, partials=partials, coef=coef,
@@ -231,12 +235,19 @@ def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, devi
     return coef
 
 
-def _launch_update(table, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
+def _scale_args(plan: StepPlan, stand_in: Tensor) -> dict:
+    """The gradient-scale arguments of a pass that reads gradients (``UNSCALE`` with a
+    ``GradScaler``'s scale; else a never-read stand-in)."""
+    scale = plan.grad_scale
+    return dict(p_scale=scale if scale is not None else stand_in, UNSCALE=scale is not None)
+
+
+def _launch_update(table, plan: StepPlan, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
                    u_scale=1.0, dist=None, pending=None) -> None:
     blocks = blocks_for(device)
     for group, dt, ct in _launch_groups(table):
         common = dict(
-            p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef,
+            p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef, **_scale_args(plan, coef),
             chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=_AVG_WEIGHT[group.dtype],
             DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
         )
@@ -337,7 +348,7 @@ class TritonBackend:
         table, = prepared.tables
         prepared.stage_in(arrays)
         coef = _measure(plan, table, filt, state, device, ISOTROPIC, loss=loss, r=r, alpha_r=alpha_r)
-        _launch_update(table, plan.weight_decay, coef, device, momentum=False, raw_step=raw_grad_step)
+        _launch_update(table, plan, plan.weight_decay, coef, device, momentum=False, raw_step=raw_grad_step)
         prepared.stage_back(arrays)
 
     # ------------------------------------------------------------------ KOALA-M
@@ -355,7 +366,7 @@ class TritonBackend:
         table, = prepared.tables
         prepared.stage_in(arrays)
         coef = _measure(plan, table, filt, state, device, MOMENTUM, loss=loss, r=r, alpha_r=alpha_r)
-        _launch_update(table, plan.weight_decay, coef, device, momentum=True)
+        _launch_update(table, plan, plan.weight_decay, coef, device, momentum=True)
         prepared.stage_back(arrays)
 
     # ------------------------------------------------------------------ KOALA-M, fold mode (opt-in)
@@ -414,7 +425,7 @@ class TritonBackend:
         dist = _buffer(state, "dist", all_table.n_chunks, FLOAT, device)
         if all_table.n_chunks == 0:
             pending.fill_(1)
-        _launch_update(all_table, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
+        _launch_update(all_table, plan, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                        u_scale=velocity_scale, dist=dist, pending=pending)
         prepared.stage_back(arrays)
         state.tail = PredictTail(dist=dist, n_dist=all_table.n_chunks, numel=all_table.numel, a=float(a),

@@ -42,6 +42,14 @@ def check_in_interval(name: str, value, low: float, high: float, *, high_open: b
     return x
 
 
+def check_finite(name: str, value) -> float:
+    """Return ``value`` as a float after checking that it is finite (any sign)."""
+    x = as_float(name, value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return x
+
+
 def check_optional_nonnegative(name: str, value) -> float | None:
     return None if value is None else check_nonnegative(name, value)
 

@@ -34,7 +34,7 @@ class KoalaM(KoalaOptimizer):
         a: velocity decay in [0, 1].
         qw: initial process noise of the weights (then adapted, see above).
         qv: process noise of the velocities.
-        r, alpha_r, weight_decay, eps, fused: as in :class:`KoalaV`.
+        r, alpha_r, weight_decay, eps, loss_floor, fused: as in :class:`KoalaV`.
         fold_predict: Triton path only (opt-in). Each update also performs the *next*
             predict's elementwise part in the same pass (36 instead of 56 bytes per fp32
             parameter per step); :meth:`predict` after an update then does nothing. Between
@@ -50,7 +50,7 @@ class KoalaM(KoalaOptimizer):
     momentum move: heavy-ball form) and warns once.
     """
 
-    _FILTER_KEYS = ("sw", "sc", "sv", "a", "qw", "qv", "r", "alpha_r")
+    _FILTER_KEYS = ("sw", "sc", "sv", "a", "qw", "qv", "r", "alpha_r", "loss_floor")
 
     def __init__(
         self,
@@ -67,6 +67,7 @@ class KoalaM(KoalaOptimizer):
         alpha_r: float = 0.9,
         weight_decay: float = 0.0,
         eps: float = 1e-9,
+        loss_floor: float = 0.0,
         fused: bool | None = None,
         fold_predict: bool = False,
     ):
@@ -83,6 +84,7 @@ class KoalaM(KoalaOptimizer):
             qv=_validation.check_nonnegative("qv", qv),
             r=_validation.check_optional_nonnegative("r", r),
             alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
+            loss_floor=_validation.check_finite("loss_floor", loss_floor),
         )
         fold = _validation.check_bool("fold_predict", fold_predict)
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)

@@ -29,6 +29,11 @@ class KoalaV(KoalaOptimizer):
         eps: tensors whose gradient norm is below eps are skipped this step.
         raw_grad_step: step along the raw gradient instead of g̃ (the official code's KOALA-V;
             identical when weight_decay = 0).
+        loss_floor: a known lower bound f of the loss (default 0, as in the paper). KOALA aims
+            each step at the fraction ``1 − lr`` of the loss above it, observing L − f; a step
+            whose loss is below f moves *up* the gradient, and is counted in
+            ``filter_state["below_floor_steps"]`` (for losses that can be negative, e.g.
+            log-likelihoods of densities, set f to their bound).
         fused: None (Triton kernels for CUDA params when available), True (require them),
             False (PyTorch path).
 
@@ -46,7 +51,7 @@ class KoalaV(KoalaOptimizer):
             opt.step(loss=losses)
     """
 
-    _FILTER_KEYS = ("sigma", "q", "r", "alpha_r", "raw_grad_step")
+    _FILTER_KEYS = ("sigma", "q", "r", "alpha_r", "raw_grad_step", "loss_floor")
 
     def __init__(
         self,
@@ -60,6 +65,7 @@ class KoalaV(KoalaOptimizer):
         weight_decay: float = 0.0,
         eps: float = 1e-9,
         raw_grad_step: bool = False,
+        loss_floor: float = 0.0,
         fused: bool | None = None,
     ):
         hyper = dict(
@@ -68,6 +74,7 @@ class KoalaV(KoalaOptimizer):
             r=_validation.check_optional_nonnegative("r", r),
             alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
             raw_grad_step=_validation.check_bool("raw_grad_step", raw_grad_step),
+            loss_floor=_validation.check_finite("loss_floor", loss_floor),
         )
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
 

@@ -16,12 +16,15 @@ same float64 expressions in the same order), from the per-chunk partial sums of 
    skipped_steps are written back.
 
 ``p_const`` is a float64 device vector of the hyper-parameters (Python floats passed as kernel
-arguments would be rounded to float32): [alpha_r, 1 − alpha_r, a, a·a, qv, 0.9, 1 − 0.9]; for
-KOALA-V the qv slot holds q.
+arguments would be rounded to float32): [alpha_r, 1 − alpha_r, a, a·a, qv, 0.9, 1 − 0.9, f, 2f,
+f²]; for KOALA-V the qv slot holds q.
 
 The loss arrives as given (``LOSS_VEC``: the per-sample vector [n_loss], stride
 ``loss_stride``, any float dtype, reduced here to its float64 mean and mean of squares; else
-the 0-dim loss and loss_var), so no torch op turns it into moments before the launch. KOALA-V
+the 0-dim loss and loss_var), so no torch op turns it into moments before the launch. The
+loss floor f (const slots 7–9: f, 2f, f²) is subtracted first (mean and second moment of
+l − f), and ``p_below`` counts the finite steps whose mean loss was below it. ``FOUND_INF``:
+a ``GradScaler``'s inf flag at ``p_found_inf`` skips the measurement like a non-finite input. KOALA-V
 (``MOMENTUM`` false, ``V_PREDICT``) first adds q ``v_predicts`` times to p: the predicts
 counted on the host.
 """
@@ -39,16 +42,19 @@ C_A2 = constant(3)
 C_QV = constant(4)
 C_BETA = constant(5)
 C_ONE_MINUS_BETA = constant(6)
+C_FLOOR = constant(7)
+C_TWO_FLOOR = constant(8)
+C_FLOOR_SQ = constant(9)
 
 
 @triton_kernel
 def filter_kernel(
-    p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped,
+    p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped, p_below, p_found_inf,
     p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_sums, p_coef,
     p_pending, p_dist, p_const,
     n_slots, n_dist, numel_total, n_loss, loss_stride, v_predicts,
     MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
-    LOSS_VEC: tl.constexpr, V_PREDICT: tl.constexpr,
+    LOSS_VEC: tl.constexpr, V_PREDICT: tl.constexpr, FOUND_INF: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_T: tl.constexpr, SUM_C: tl.constexpr,
 ):
     """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused.
@@ -101,20 +107,25 @@ def filter_kernel(
         if LOSS_VEC:
             # per-sample losses (any float dtype): mean and mean of squares in float64, a fixed
             # order (lanes, then one reduction tree)
+            floor = tl.load(p_const + C_FLOOR)
             b_l1 = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
             b_l2 = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
             for i in range(0, n_loss, BLOCK_T * BLOCK_C):
                 o = i + o_f
-                b_l = tl.load(p_loss + o * loss_stride, mask=o < n_loss, other=0.0).to(tl.float64)
+                m_l = o < n_loss
+                b_l = tl.load(p_loss + o * loss_stride, mask=m_l, other=0.0).to(tl.float64)
+                b_l = tl.where(m_l, b_l - floor, 0.0)  # the loss above its floor
                 b_l1 += b_l
                 b_l2 += b_l * b_l
             n_l = zero + n_loss  # (not n_loss.to: an int argument equal to 1 may arrive as a constexpr)
             loss = tl.reduce(b_l1, 0, SUM) / n_l
             loss_sq = tl.reduce(b_l2, 0, SUM) / n_l
         else:
-            loss = tl.load(p_loss).to(tl.float64)
-            if ADAPTIVE:
-                loss_sq = tl.load(p_loss_sq).to(tl.float64)
+            raw = tl.load(p_loss).to(tl.float64)
+            loss = raw - tl.load(p_const + C_FLOOR)
+            if ADAPTIVE:  # mean of (l − floor)² from the mean of l² and the mean of l
+                loss_sq = (tl.load(p_loss_sq).to(tl.float64) - raw * tl.load(p_const + C_TWO_FLOOR)) \
+                    + tl.load(p_const + C_FLOOR_SQ)
         # Each tensor's sums of its chunk partials. A tile of SUM_T tensors walks their chunk
         # ranges side by side, SUM_C chunks of each per step, so the steps a tile takes are its
         # largest tensor's chunks / SUM_C (not all the chunks of all its tensors). Steps only
@@ -153,6 +164,8 @@ def filter_kernel(
         finite = (tl.abs(loss) < float("inf")) & (total < float("inf"))
         if ADAPTIVE:
             finite = finite & (tl.abs(loss_sq) < float("inf"))
+        if FOUND_INF:  # a GradScaler found inf/NaN in the scaled gradients: skip, as for NaN
+            finite = finite & (tl.load(p_found_inf).to(tl.float32) == 0)
         # the same condition as a block mask (Triton's interpreter mistypes scalar-bool & block)
         m_finite = (tl.full([BLOCK_T], 0.0, dtype=tl.float64) + tl.where(finite, 0.0, 1.0)) == 0
         if ADAPTIVE:
@@ -197,6 +210,7 @@ def filter_kernel(
         tl.store(p_r, noise)
         tl.store(p_step, tl.load(p_step) + 1)
         tl.store(p_skipped, tl.load(p_skipped) + tl.where(finite, 0, 1).to(tl.int64))
+        tl.store(p_below, tl.load(p_below) + tl.where(finite & (loss < 0), 1, 0).to(tl.int64))
 
     tl.store(p_pxx, b_pxx)
     if MOMENTUM:

@@ -24,6 +24,10 @@ interpreter keeps Python's double), so float64 parameters would step with fp32(0
 each program rounds them once to ``CT``, which for float32 and 16-bit parameters is the fp32
 value the PyTorch path uses.
 
+Scaled gradients (``UNSCALE``): with a ``GradScaler``, gradients hold S·g; the passes that read
+them multiply by 1/S (computed in ``CT`` from the scale at ``p_scale``: exact for the scaler's
+powers of two) as they load them, so the gradients themselves are never rewritten.
+
 Tiles: each program first walks the full tiles of its chunk without a mask, then one masked
 tail tile (``for PHASE in tl.static_range(2)``). Together with the alignment hints (every
 address is 16-byte aligned, which ``tables.prepare`` guarantees by staging any tensor that is not,
@@ -48,9 +52,9 @@ from .constants import ALIGN, COL_A, COL_G, COL_NUMEL, COL_SLOT, COL_U, COL_X, N
 
 @triton_kernel
 def norms_kernel(
-    p_chunks, p_rows, p_wd, p_partials,
+    p_chunks, p_rows, p_wd, p_partials, p_scale,
     chunk_base,
-    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNSCALE: tl.constexpr,
 ):
     """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64).
 
@@ -69,6 +73,8 @@ def norms_kernel(
     b_wd64 = tl.load(p_wd + i_slot)
     b_wd = b_wd64.to(CT)
     decayed = b_wd64 != 0
+    if UNSCALE:
+        b_inv = 1.0 / tl.load(p_scale).to(CT)
 
     b_gg = tl.full([BLOCK], 0.0, dtype=CT)
     b_dd = tl.full([BLOCK], 0.0, dtype=CT)
@@ -94,6 +100,8 @@ def norms_kernel(
                 m_e = o_e < n
                 zero = 0.0
             b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
+            if UNSCALE:
+                b_g = b_g * b_inv
             b_gg += b_g * b_g
             if decayed:
                 b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
@@ -111,10 +119,10 @@ def norms_kernel(
 
 @triton_kernel
 def update_kernel(
-    p_chunks, p_rows, p_wd, p_coef,
+    p_chunks, p_rows, p_wd, p_coef, p_scale,
     chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr,
+    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr, UNSCALE: tl.constexpr,
 ):
     """The measurement update of every row (every row has a slot).
 
@@ -135,6 +143,8 @@ def update_kernel(
         b_wd64 = tl.load(p_wd + i_slot)
         b_wd = b_wd64.to(CT)
         decayed = b_wd64 != 0
+        if UNSCALE:
+            b_inv = 1.0 / tl.load(p_scale).to(CT)
         p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
         p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
         if MOMENTUM:
@@ -165,6 +175,8 @@ def update_kernel(
                     zero = 0.0
                 b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
                 b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
+                if UNSCALE:
+                    b_g = b_g * b_inv
                 b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
                 if RAW_STEP:
                     b_dx = b_cx * b_g
@@ -185,9 +197,9 @@ def update_kernel(
 
 @triton_kernel
 def fold_kernel(
-    p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending,
+    p_chunks, p_rows, p_wd, p_coef, p_dist, p_pending, p_scale,
     chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
-    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNSCALE: tl.constexpr,
 ):
     """KOALA-M fold mode: the measurement update, then the next predict's elementwise part.
 
@@ -218,6 +230,8 @@ def fold_kernel(
     updated = b_upd != 0
     b_u_scale = (tl.full([], 0.0, dtype=tl.float64) + u_scale).to(CT)
     b_avg_weight = (tl.full([], 0.0, dtype=tl.float64) + avg_weight).to(CT)
+    if UNSCALE:
+        b_inv = 1.0 / tl.load(p_scale).to(CT)
     p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
     p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
     p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
@@ -250,6 +264,8 @@ def fold_kernel(
             b_a = tl.load(p_ae, mask=m_e, other=zero).to(CT)
             if updated:
                 b_g = tl.load(p_ge, mask=m_e, other=zero).to(CT)
+                if UNSCALE:
+                    b_g = b_g * b_inv
                 b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
                 b_dx = b_cx * b_d
                 b_du = b_cu * b_d
