@@ -47,13 +47,14 @@ def ptx(fn, signature: dict, constexprs: dict) -> str:
 
 GEOMETRY = {"CHUNK": CUDA_BLOCKS.chunk, "BLOCK": CUDA_BLOCKS.block}
 COMMON = {"p_chunks": "*i64", "p_rows": "*i64", "p_wd": "*fp64", "p_coef": "*fp64", "p_partials": "*fp64",
-          "p_dist": "*fp64", "p_pending": "*i32", "chunk_base": "i64", "u_scale": "fp64",
+          "p_dist": "*fp64", "p_pending": "*i32", "p_scale": "*fp32", "chunk_base": "i64", "u_scale": "fp64",
           "avg_weight": "fp64", "x_scale": "fp64", "u_mult": "fp64"}
 PASSES = [
-    (passes.norms_kernel, {}),
-    (passes.update_kernel, {"MOMENTUM": False, "RAW_STEP": False}),
-    (passes.update_kernel, {"MOMENTUM": True, "RAW_STEP": False}),
-    (passes.fold_kernel, {}),
+    (passes.norms_kernel, {"UNSCALE": False}),
+    (passes.norms_kernel, {"UNSCALE": True}),
+    (passes.update_kernel, {"MOMENTUM": False, "RAW_STEP": False, "UNSCALE": False}),
+    (passes.update_kernel, {"MOMENTUM": True, "RAW_STEP": False, "UNSCALE": True}),
+    (passes.fold_kernel, {"UNSCALE": False}),
     (passes.predict_kernel, {"SCALE_U": True}),
 ]
 VECTOR = {tl.float32: "ld.global.v4.b32", tl.bfloat16: "ld.global.v4.b32", tl.float16: "ld.global.v4.b32",
@@ -61,7 +62,8 @@ VECTOR = {tl.float32: "ld.global.v4.b32", tl.bfloat16: "ld.global.v4.b32", tl.fl
 
 
 @pytest.mark.parametrize("dtype", [tl.float32, tl.bfloat16, tl.float64], ids=["fp32", "bf16", "fp64"])
-@pytest.mark.parametrize("case", range(len(PASSES)), ids=[f"{p[0].__name__}{'-M' if p[1].get('MOMENTUM') else ''}" for p in PASSES])
+@pytest.mark.parametrize("case", range(len(PASSES)), ids=[f"{p[0].__name__}{'-M' if p[1].get('MOMENTUM') else ''}{'-unscale' if p[1].get('UNSCALE') else ''}"
+                              for p in PASSES])
 def test_passes_compile_to_vector_memory_accesses(case, dtype):
     fn, flags = PASSES[case]
     ct = tl.float64 if dtype == tl.float64 else tl.float32
@@ -74,18 +76,19 @@ def test_passes_compile_to_vector_memory_accesses(case, dtype):
 
 
 @pytest.mark.parametrize("flags, loss_type", [
-    ({"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False, "LOSS_VEC": True, "V_PREDICT": True}, "*fp32"),
-    ({"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False, "LOSS_VEC": True, "V_PREDICT": False}, "*bf16"),
-    ({"MOMENTUM": False, "ADAPTIVE": False, "MEASURE": True, "TAIL": False, "LOSS_VEC": False, "V_PREDICT": True}, "*fp16"),
-    ({"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True, "LOSS_VEC": True, "V_PREDICT": False}, "*fp64"),
-    ({"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True, "LOSS_VEC": False, "V_PREDICT": False}, "*fp32"),
-    ({"MOMENTUM": True, "ADAPTIVE": False, "MEASURE": False, "TAIL": True, "LOSS_VEC": False, "V_PREDICT": False}, "*fp64"),
+    ({"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False, "LOSS_VEC": True, "V_PREDICT": True, "FOUND_INF": False}, "*fp32"),
+    ({"MOMENTUM": False, "ADAPTIVE": True, "MEASURE": True, "TAIL": False, "LOSS_VEC": True, "V_PREDICT": False, "FOUND_INF": False}, "*bf16"),
+    ({"MOMENTUM": False, "ADAPTIVE": False, "MEASURE": True, "TAIL": False, "LOSS_VEC": False, "V_PREDICT": True, "FOUND_INF": True}, "*fp16"),
+    ({"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True, "LOSS_VEC": True, "V_PREDICT": False, "FOUND_INF": False}, "*fp64"),
+    ({"MOMENTUM": True, "ADAPTIVE": True, "MEASURE": True, "TAIL": True, "LOSS_VEC": False, "V_PREDICT": False, "FOUND_INF": True}, "*fp32"),
+    ({"MOMENTUM": True, "ADAPTIVE": False, "MEASURE": False, "TAIL": True, "LOSS_VEC": False, "V_PREDICT": False, "FOUND_INF": False}, "*fp64"),
 ], ids=["V-vector-predict", "V-bf16-vector", "V-fixed-r-scalar-predict", "M-vector", "M-scalar", "M-settle"])
 def test_filter_kernel_compiles_in_float64(flags, loss_type):
     signature = {n: "*fp64" for n in ["p_pxx", "p_pxu", "p_puu", "p_qx", "p_r", "p_lr", "p_wd",
                                      "p_eps", "p_partials", "p_sums", "p_coef", "p_dist", "p_const"]}
     signature.update({"p_loss": loss_type, "p_loss_sq": loss_type})
-    signature.update({"p_step": "*i64", "p_skipped": "*i64", "p_slot_chunks": "*i64", "p_pending": "*i32",
+    signature.update({"p_step": "*i64", "p_skipped": "*i64", "p_below": "*i64", "p_found_inf": "*fp32",
+                      "p_slot_chunks": "*i64", "p_pending": "*i32",
                       "n_slots": "i32", "n_dist": "i32", "numel_total": "i64",
                       "n_loss": "i32", "loss_stride": "i32", "v_predicts": "i32"})
     code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t, "BLOCK_C": CUDA_BLOCKS.block_c,
