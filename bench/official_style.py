@@ -129,3 +129,7 @@ class OfficialStyleKoalaM(_OfficialStyleBase):
             h = torch.stack(ratios).max()
             H = torch.diag(torch.stack([h, torch.zeros_like(h)]))
             self.P = self.P - self.P @ H @ self.P.T
+
+
+#: The official-style loop of each KOALA variant, by its id in ``tests/variants.py``.
+OFFICIAL_STYLE = {"V": OfficialStyleKoalaV, "M": OfficialStyleKoalaM}

@@ -48,6 +48,9 @@ class Provider:
     bytes_fp32: int     # KOALA.md §7 floor, bytes per fp32 parameter
     cuda_only: bool
     build: Callable[[list[torch.Tensor]], Stepper]
+    #: koala_triton's providers: the KOALA variant and mode they run (``tests/variants.py``: "V",
+    #: "M-fold"), else None.
+    case: str | None = None
 
 
 def _random_losses(device: torch.device) -> torch.Tensor:
@@ -66,23 +69,30 @@ def koala_stepper(opt, device) -> Stepper:
     return Stepper(opt, iterate)
 
 
-def _koala_cls(name: str):
+def _koala_case(case_id: str):
+    """The registry's variant and mode of ``case_id`` (``tests/variants.py``)."""
     try:
-        import koala_triton
-        return getattr(koala_triton, name)
-    except (ImportError, AttributeError) as exc:
-        raise ProviderUnavailable(f"koala_triton.{name} is not importable: {exc}") from exc
+        from tests.variants import case
+        return case(case_id)
+    except ImportError as exc:
+        raise ProviderUnavailable(f"koala_triton is not importable: {exc}") from exc
 
 
-def _koala(name: str, fused: bool, **options):
+def _koala(case_id: str, fused: bool):
     def build(params):
-        cls = _koala_cls(name)
+        c = _koala_case(case_id)
         try:
-            opt = cls(params, fused=fused, **options)
+            opt = c.cls(params, fused=fused, **c.kwargs)
         except NotImplementedError as exc:
-            raise ProviderUnavailable(f"{name}(fused={fused}): {exc}") from exc
+            raise ProviderUnavailable(f"{c.cls.__name__}(fused={fused}): {exc}") from exc
         return koala_stepper(opt, params[0].device)
     return build
+
+
+def _koala_provider(name: str, label: str, family: str, impl: str, bytes_fp32: int, case_id: str) -> Provider:
+    """koala_triton's optimizer of a registry case on the Triton path (CUDA only) or the PyTorch path."""
+    fused = impl == "triton"
+    return Provider(name, label, family, impl, bytes_fp32, fused, _koala(case_id, fused), case=case_id)
 
 
 def _official(cls):
@@ -105,16 +115,11 @@ def _torch_optim(kind: str, impl: str):
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in [
-    Provider("koala_v_triton", "KoalaV (Triton)", "koala_v", "triton", 16, True,
-             _koala("KoalaV", fused=True)),
-    Provider("koala_v_torch", "KoalaV (PyTorch)", "koala_v", "pytorch", 16, False,
-             _koala("KoalaV", fused=False)),
-    Provider("koala_m_triton", "KoalaM (Triton)", "koala_m", "triton", 36, True,
-             _koala("KoalaM", fused=True)),
-    Provider("koala_m_fold_triton", "KoalaM fold_predict (Triton)", "koala_m", "triton", 36, True,
-             _koala("KoalaM", fused=True, fold_predict=True)),
-    Provider("koala_m_torch", "KoalaM (PyTorch)", "koala_m", "pytorch", 36, False,
-             _koala("KoalaM", fused=False)),
+    _koala_provider("koala_v_triton", "KoalaV (Triton)", "koala_v", "triton", 16, "V"),
+    _koala_provider("koala_v_torch", "KoalaV (PyTorch)", "koala_v", "pytorch", 16, "V"),
+    _koala_provider("koala_m_triton", "KoalaM (Triton)", "koala_m", "triton", 36, "M"),
+    _koala_provider("koala_m_fold_triton", "KoalaM fold_predict (Triton)", "koala_m", "triton", 36, "M-fold"),
+    _koala_provider("koala_m_torch", "KoalaM (PyTorch)", "koala_m", "pytorch", 36, "M"),
     Provider("official_v", "KOALA-V official-style loop", "koala_v", "official-loop", 16, False,
              _official(OfficialStyleKoalaV)),
     Provider("official_m", "KOALA-M official-style loop", "koala_m", "official-loop", 36, False,

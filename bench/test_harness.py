@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from bench import param_sets, report
-from bench.official_style import OfficialStyleKoalaM, OfficialStyleKoalaV
+from bench.official_style import OFFICIAL_STYLE
 from bench.providers import PROVIDERS, floor_bytes_per_param, optimizer_state_bytes
+from tests.variants import case, variant_params
 
 
 @pytest.mark.parametrize("name, params, tensors", [
@@ -73,16 +74,11 @@ def _twin_params(seed=0, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-@pytest.mark.parametrize("variant", ["V", "M"])
+@pytest.mark.parametrize("variant", variant_params())
 def test_official_style_loop_matches_koala_pytorch_path(variant, weight_decay):
-    koala_triton = pytest.importorskip("koala_triton")
     ours, theirs = _twin_params()
-    if variant == "V":
-        loop = OfficialStyleKoalaV(ours, weight_decay=weight_decay)
-        opt = koala_triton.KoalaV(theirs, weight_decay=weight_decay, fused=False)
-    else:
-        loop = OfficialStyleKoalaM(ours, weight_decay=weight_decay)
-        opt = koala_triton.KoalaM(theirs, weight_decay=weight_decay, fused=False)
+    loop = OFFICIAL_STYLE[variant.id](ours, weight_decay=weight_decay)
+    opt = variant.cls(theirs, weight_decay=weight_decay, fused=False)
     gen = torch.Generator().manual_seed(7)
     for _ in range(4):
         loss = torch.rand(32, generator=gen, dtype=torch.float64) + 0.5
@@ -92,11 +88,9 @@ def test_official_style_loop_matches_koala_pytorch_path(variant, weight_decay):
         opt.step(loss=loss)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    if variant == "M":
-        for a, b in zip(ours, theirs):
-            for key in ("velocity", "xavg"):
-                torch.testing.assert_close(loop.state[a][key], opt.state[b][key],
-                                           rtol=1e-10, atol=1e-12)
+    for a, b in zip(ours, theirs):
+        for key in variant.state_keys:
+            torch.testing.assert_close(loop.state[a][key], opt.state[b][key], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("provider, expected_fp32", [
@@ -112,7 +106,7 @@ def test_state_bytes_are_measured_from_the_optimizer(provider, expected_fp32):
 
 
 @pytest.mark.parametrize("provider, launches", [
-    ("koala_v_triton", 3), ("koala_m_triton", 4), ("koala_m_fold_triton", 3)])
+    (name, case(p.case).launches) for name, p in PROVIDERS.items() if p.case and p.impl == "triton"])
 def test_triton_providers_iterate_under_the_interpreter(monkeypatch, provider, launches):
     """The CPU twin of the GPU benchmark rows: each Triton provider builds the optimizer it
     names and one iteration makes the launches of its design (fold mode: after its first)."""
@@ -125,7 +119,7 @@ def test_triton_providers_iterate_under_the_interpreter(monkeypatch, provider, l
     before = [p.detach().clone() for p in params]
     stepper = PROVIDERS[provider].build(params)
     assert stepper.optimizer.uses_triton
-    assert getattr(stepper.optimizer, "_fold", False) == (provider == "koala_m_fold_triton")
+    assert getattr(stepper.optimizer, "_fold", False) == case(PROVIDERS[provider].case).fold
     stepper.iterate()
     start = launch.LAUNCHES["count"]
     stepper.iterate()

@@ -26,14 +26,18 @@ import torch
 pytest.importorskip("triton")
 
 from bench import measure  # noqa: E402
-from koala_triton import KoalaM, KoalaV  # noqa: E402
 from koala_triton.kernels import direct  # noqa: E402
 from tests import dry_launch  # noqa: E402
+from tests.variants import cases  # noqa: E402
 
 #: tensor counts of ResNet-18 and GPT-2 small (bench/param_sets.py)
 TENSORS = {"resnet18": 62, "gpt2-small": 148}
-PROVIDERS = ["koala_v", "koala_v_dispatch", "koala_m", "koala_m_fold", "adamw_fused_cpu"]
+#: koala_<case>: each launch design (every variant's default mode, and fold mode), by registry case
+KOALA = {f"koala_{c.slug}": c for c in cases(("default", "fold"))}
+#: KoalaV again with every launch dispatched through ``JITFunction.run`` (no direct launches)
+DISPATCH = "koala_v_dispatch"
 BASELINE = "adamw_fused_cpu"
+PROVIDERS = [*KOALA, DISPATCH, BASELINE]
 
 _reason = dry_launch.unavailable_reason()
 
@@ -43,9 +47,8 @@ def _build(provider: str, params):
     if provider == "adamw_fused_cpu":
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
         return opt.step
-    cls, kwargs = {"koala_v": (KoalaV, {}), "koala_v_dispatch": (KoalaV, {}), "koala_m": (KoalaM, {}),
-                   "koala_m_fold": (KoalaM, {"fold_predict": True})}[provider]
-    opt = cls(params, fused=True, **kwargs)
+    case = KOALA[provider.removesuffix("_dispatch")]
+    opt = case.cls(params, fused=True, **case.kwargs)
 
     def iterate():
         opt.predict()
@@ -64,7 +67,7 @@ def test_host_cost_per_iteration(benchmark, monkeypatch, model, provider):
     for p in params:
         p.grad = torch.ones(1)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused=True on CPU tensors; not used to run
-    monkeypatch.setattr(direct, "ENABLED", provider != "koala_v_dispatch")
+    monkeypatch.setattr(direct, "ENABLED", provider != DISPATCH)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the AdamW baseline's tiny CPU kernels: no thread-pool overhead
     try:

@@ -1,6 +1,9 @@
 """A plain float64 for-loop implementation of ../shared/KOALA.md, written independently of
 ``koala_triton`` (no shared code), as the ground truth of the PyTorch-path tests.
 
+``variant`` is a ``tests.variants.VariantInfo`` or its id (``"V"``, ``"M"``); the loop has the
+dynamics of each (identity, or momentum when the variant has a velocity).
+
 It works on a list of parameter groups ``[{"params": [float64 tensors], "lr", "weight_decay",
 "eps"}]`` and a list of gradients (None allowed) in the same flat order, with the filter held
 in Python floats. Every step is a direct transcription of KOALA.md §2-§4, one tensor at a time.
@@ -14,10 +17,15 @@ import torch
 
 
 class ReferenceKoala:
-    def __init__(self, groups, *, momentum: bool, sigma=0.1, q=1.0, sw=0.1, sc=0.0, sv=0.1,
+    def __init__(self, groups, *, variant, sigma=0.1, q=1.0, sw=0.1, sc=0.0, sv=0.1,
                  a=0.9, qw=1e-2, qv=1e-2, r=None, alpha_r=0.9, raw_grad_step=False):
         self.groups = [dict(g, params=[p.detach().clone().double() for p in g["params"]]) for g in groups]
-        self.momentum = momentum
+        if isinstance(variant, str):
+            from tests.variants import VARIANTS
+
+            variant = VARIANTS[variant]
+        self.variant = variant
+        self.momentum = momentum = variant.has_velocity
         self.q, self.a, self.qv = q, a, qv
         self.r_fixed, self.alpha_r, self.raw_grad_step = r, alpha_r, raw_grad_step
         self.R = 1.0 if r is None else r
@@ -32,6 +40,45 @@ class ReferenceKoala:
 
     def params(self):
         return [p for g in self.groups for p in g["params"]]
+
+    def add_group(self, group) -> None:
+        """A new param group (float64 copies of its tensors), with zero state."""
+        self.groups.append(dict(group, params=[p.detach().clone().double() for p in group["params"]]))
+        if self.momentum:
+            self.u.append([torch.zeros_like(p) for p in self.groups[-1]["params"]])
+            self.xavg.append([torch.zeros_like(p) for p in self.groups[-1]["params"]])
+
+    # ---------------------------------------------------- the state under the optimizer's names
+    def filter_values(self) -> dict[str, float]:
+        """The filter's float entries, named as ``filter_state`` names them."""
+        if not self.momentum:
+            return {"p": self.p, "R": self.R}
+        (pxx, pxu), (_, puu) = self.P
+        return {"Pxx": pxx, "Pxu": pxu, "Puu": puu, "qx": self.qx, "R": self.R}
+
+    def load_filter(self, values) -> None:
+        """Set the filter from ``filter_state``-named values (extra keys, e.g. counters, ignored)."""
+        self.R = values["R"]
+        if self.momentum:
+            self.P = [[values["Pxx"], values["Pxu"]], [values["Pxu"], values["Puu"]]]
+            self.qx = values["qx"]
+        else:
+            self.p = values["p"]
+
+    def _state_lists(self, key):
+        return {"velocity": self.u, "xavg": self.xavg}[key]
+
+    def state(self, key) -> list:
+        """The per-parameter state ``key`` (``"velocity"``, ``"xavg"``), flat, aligned with params()."""
+        return [t for group in self._state_lists(key) for t in group]
+
+    def set_state(self, key, values) -> None:
+        """Replace the per-parameter state ``key`` by ``values`` (flat, aligned with params())."""
+        values = iter(values)
+        lists = self._state_lists(key)
+        for group in lists:
+            for i in range(len(group)):
+                group[i] = next(values).double().clone()
 
     def predict(self):
         if not self.momentum:

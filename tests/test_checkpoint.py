@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from koala_triton import KoalaM, KoalaV
+from tests.variants import variant_params
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -34,10 +35,10 @@ def _roundtrip(obj):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-def test_checkpoint_resumes_bit_for_bit(cls, dtype):
+@pytest.mark.parametrize("variant", variant_params())
+def test_checkpoint_resumes_bit_for_bit(variant, dtype):
     params = _params(dtype)
-    opt = cls([{"params": params[:2], "weight_decay": 0.01}, {"params": params[2:], "lr": 0.5}])
+    opt = variant.cls([{"params": params[:2], "weight_decay": 0.01}, {"params": params[2:], "lr": 0.5}])
     for step in range(4):
         _iterate(opt, params, step)
     saved_params = _roundtrip([p.detach().clone() for p in params])
@@ -46,7 +47,7 @@ def test_checkpoint_resumes_bit_for_bit(cls, dtype):
         _iterate(opt, params, step)
 
     resumed = [p.clone().requires_grad_() for p in saved_params]
-    opt2 = cls([{"params": resumed[:2]}, {"params": resumed[2:]}])  # different group values
+    opt2 = variant.cls([{"params": resumed[:2]}, {"params": resumed[2:]}])  # different group values
     opt2.load_state_dict(saved_opt)
     assert opt2.param_groups[0]["weight_decay"] == 0.01 and opt2.param_groups[1]["lr"] == 0.5
     for step in range(4, 8):

@@ -20,8 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koala_triton import KoalaM, KoalaV
-from tests.reference import ReferenceKoala
+from tests.variants import VARIANTS, variant_params
 
 U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 U32 = 2.0 ** -24
@@ -29,32 +28,23 @@ SHAPES = [(16, 8), (8,), (), (257,), (3, 5)]
 N_MAX = 257
 
 
-def _setup(cls, dtype):
+def _setup(variant, dtype):
     g = torch.Generator().manual_seed(7)
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
     groups = [{"params": params[:3], "weight_decay": 0.0}, {"params": params[3:], "weight_decay": 0.02, "lr": 0.5}]
-    return params, groups, cls(groups)
+    return params, groups, variant.cls(groups)
 
 
-def _reference_from(opt, params, momentum):
+def _reference_from(opt, params, variant):
     groups = [
         {"params": [p.detach().double() for p in g["params"]], "lr": g["lr"], "weight_decay": g["weight_decay"], "eps": g["eps"]}
         for g in opt.param_groups
     ]
-    ref = ReferenceKoala(groups, momentum=momentum)
-    f = {k: float(v) for k, v in opt.filter_state.items()}
-    ref.R = f["R"]
-    if momentum:
-        ref.P = [[f["Pxx"], f["Pxu"]], [f["Pxu"], f["Puu"]]]
-        ref.qx = f["qx"]
-        k = 0
-        for gi, g in enumerate(opt.param_groups):
-            for i, p in enumerate(g["params"]):
-                ref.u[gi][i] = opt.state[p]["velocity"].double().clone()
-                ref.xavg[gi][i] = opt.state[p]["xavg"].double().clone()
-                k += 1
-    else:
-        ref.p = f["p"]
+    ref = variant.reference(groups)
+    ref.load_filter({k: float(v) for k, v in opt.filter_state.items()})
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    for key in variant.state_keys:
+        ref.set_state(key, [opt.state[p][key] for p in flat])
     return ref
 
 
@@ -69,13 +59,13 @@ def _check(actual, expected, before, step_size, dtype, what, momentum):
 
 
 @pytest.mark.parametrize("dtype", list(U), ids=str)
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-def test_low_precision_steps_stay_within_the_error_model(cls, dtype):
-    momentum = cls is KoalaM
-    params, groups, opt = _setup(cls, dtype)
+@pytest.mark.parametrize("variant", variant_params())
+def test_low_precision_steps_stay_within_the_error_model(variant, dtype):
+    momentum = variant.has_velocity  # the error model's KOALA-M terms: predict moves the weights
+    params, groups, opt = _setup(variant, dtype)
     g = torch.Generator().manual_seed(11)
     for step in range(6):
-        ref = _reference_from(opt, params, momentum)
+        ref = _reference_from(opt, params, variant)
         before = [p.detach().double().clone() for p in params]
         vel_before = [opt.state[p]["velocity"].double().clone() for p in params] if momentum else None
         grads = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
@@ -90,13 +80,13 @@ def test_low_precision_steps_stay_within_the_error_model(cls, dtype):
         for i, (p, x) in enumerate(zip(params, ref.params())):
             _check(p.detach(), x, before[i] + (vel_before[i].abs() if momentum else 0), x - predicted[i], dtype,
                    f"step {step} param {i}", momentum)
-        f = opt.filter_state
-        cov = {"p": ref.p} if not momentum else {"Pxx": ref.P[0][0], "Pxu": ref.P[0][1], "Puu": ref.P[1][1]}
-        for k, v in {**cov, "R": ref.R}.items():
+        f, expected = opt.filter_state, ref.filter_values()
+        for k in (*variant.covariance_keys, "R"):
+            v = expected[k]
             rel = (N_MAX + 8) * U32 + (4 * U[dtype] if momentum else 0.0)
             assert abs(float(f[k]) - v) <= rel * abs(v) + 1e-300, (step, k)
         if momentum:
-            flat_u = [u for grp in ref.u for u in grp]
+            flat_u = ref.state("velocity")
             for i, p in enumerate(params):
                 du = flat_u[i] - vel_before[i] * ref.a
                 _check(opt.state[p]["velocity"], flat_u[i], vel_before[i], du, dtype, f"step {step} velocity {i}", momentum)
@@ -104,11 +94,11 @@ def test_low_precision_steps_stay_within_the_error_model(cls, dtype):
 
 @pytest.mark.parametrize("dtype", list(U), ids=str)
 def test_state_and_params_keep_their_dtype(dtype):
-    params, _, opt = _setup(KoalaM, dtype)
+    params, _, opt = _setup(VARIANTS["M"], dtype)
     opt.predict()
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step(loss=torch.rand(4))
     assert all(p.dtype == dtype for p in params)
-    assert all(opt.state[p][k].dtype == dtype for p in params for k in ("velocity", "xavg"))
+    assert all(opt.state[p][k].dtype == dtype for p in params for k in VARIANTS["M"].state_keys)
     assert all(v.dtype in (torch.float64, torch.int64) for v in opt.filter_state.values())

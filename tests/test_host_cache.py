@@ -25,27 +25,11 @@ import math
 import pytest
 import torch
 
-from koala_triton import KoalaM, KoalaV
-from tests.conftest import make_params
-from tests.reference import ReferenceKoala
+from koala_triton import KoalaV
+from tests.helpers import assert_matches_reference, reference_groups, reference_params
+from tests.variants import variant_params
 
-RTOL = 1e-12
 STEPS = 14
-
-
-def _groups(params):
-    return [
-        {"params": params[:4], "lr": 0.7, "weight_decay": 0.0, "eps": 1e-9},
-        {"params": params[4:], "lr": 0.4, "weight_decay": 0.05, "eps": 1e-9},
-    ]
-
-
-def _assert_close(actual, expected, what, rtol=RTOL):
-    if not isinstance(expected, torch.Tensor):
-        expected = torch.tensor(expected, dtype=torch.float64)
-    scale = float(expected.detach().double().abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=rtol,
-                               atol=rtol * scale + 1e-300, msg=lambda m: f"{what}: {m}")
 
 
 def _new_group_params(gen):
@@ -70,11 +54,7 @@ def _change_groups(step, opt, ref, params, gen):
     if step == 8:  # a new group: a longer flat list
         new = _new_group_params(gen)
         opt.add_param_group({"params": new, "lr": 0.5, "weight_decay": 0.01})
-        ref.groups.append({"params": [p.detach().clone() for p in new], "lr": 0.5, "weight_decay": 0.01,
-                           "eps": 1e-9})
-        if ref.momentum:
-            ref.u.append([torch.zeros_like(p) for p in ref.groups[-1]["params"]])
-            ref.xavg.append([torch.zeros_like(p) for p in ref.groups[-1]["params"]])
+        ref.add_group({"params": new, "lr": 0.5, "weight_decay": 0.01, "eps": 1e-9})
         params.extend(new)
     if step == 10:  # a checkpoint round trip replaces the state tensors (KOALA-M's lists)
         opt.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -92,12 +72,11 @@ def _grads(params, step, gen):
     return grads
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-def test_pytorch_path_matches_reference_while_groups_and_grads_change(cls):
-    momentum = cls is KoalaM
-    params = make_params(torch.float64)
-    ref = ReferenceKoala(_groups(params), momentum=momentum)
-    opt = cls(_groups(params), fused=False)
+@pytest.mark.parametrize("variant", variant_params())
+def test_pytorch_path_matches_reference_while_groups_and_grads_change(variant):
+    params = reference_params(torch.float64)
+    ref = variant.reference(reference_groups(params))
+    opt = variant.cls(reference_groups(params), fused=False)
     gen = torch.Generator().manual_seed(3)
     for step in range(STEPS):
         _change_groups(step, opt, ref, params, gen)
@@ -109,15 +88,9 @@ def test_pytorch_path_matches_reference_while_groups_and_grads_change(cls):
         losses = torch.rand(8, generator=gen, dtype=torch.float64) * 2
         opt.step(loss=losses)
         ref.update(float(losses.mean()), float((losses ** 2).mean()), grads)
-        for i, (p, x) in enumerate(zip(params, ref.params())):
-            _assert_close(p, x, f"step {step} param {i}")
-        if momentum:
-            flat_u = [u for g in ref.u for u in g]
-            for i, p in enumerate(params):
-                _assert_close(opt.state[p]["velocity"], flat_u[i], f"step {step} velocity {i}")
-            _assert_close(opt.filter_state["Pxx"], ref.P[0][0], f"step {step} Pxx")
-        else:
-            _assert_close(opt.filter_state["p"], ref.p, f"step {step} p")
+        # the weights, the first state array (the velocity) and the weights' variance
+        assert_matches_reference(opt, params, ref, f"step {step}", state_keys=variant.state_keys[:1],
+                                 filter_keys=(variant.weight_variance_key,))
     # the events really changed the trajectory's inputs: the eps change skipped tensors
     assert len(opt.param_groups) == 3
 

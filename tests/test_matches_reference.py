@@ -12,20 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koala_triton import KoalaM, KoalaV
-from tests.conftest import make_params
-from tests.reference import ReferenceKoala
+from tests.helpers import assert_matches_reference, reference_groups, reference_params
+from tests.variants import VARIANTS
 
-RTOL = 1e-12
 STEPS = 16
-
-
-def _groups(params):
-    # two groups: different lr and weight decay; the second has a stricter skip threshold
-    return [
-        {"params": params[:4], "lr": 0.7, "weight_decay": 0.0, "eps": 1e-9},
-        {"params": params[4:], "lr": 0.4, "weight_decay": 0.05, "eps": 1e-9},
-    ]
+V, M = VARIANTS["V"], VARIANTS["M"]
 
 
 def _grads_for_step(params, step, gen):
@@ -49,23 +40,13 @@ def _losses(gen):
     return per_sample
 
 
-def _assert_close(actual, expected, what):
-    if not isinstance(expected, torch.Tensor):
-        expected = torch.tensor(expected, dtype=torch.float64)
-    # Elementwise x - c*g can cancel, so the error is relative to the tensor's magnitude, not
-    # to each (possibly tiny) element: atol = RTOL * max|expected|.
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=RTOL, atol=RTOL * scale + 1e-300, msg=lambda m: f"{what}: {m}"
-    )
-
-
-def _run(opt_cls, ref_kwargs, opt_kwargs, lr_schedule):
-    params = make_params(torch.float64)
-    ref = ReferenceKoala(_groups(params), **ref_kwargs)
-    opt = opt_cls(_groups(params), **opt_kwargs)
+def _run(variant, hyper, lr_schedule):
+    """The optimizer of ``variant`` against the reference loop, both with ``hyper``; every
+    weight, state and filter entry compared after every step (1e-12)."""
+    params = reference_params(torch.float64)
+    ref = variant.reference(reference_groups(params), **hyper)
+    opt = variant.cls(reference_groups(params), **hyper)
     gen = torch.Generator().manual_seed(1)
-    momentum = opt_cls is KoalaM
     for step in range(STEPS):
         for g_opt, g_ref, base in zip(opt.param_groups, ref.groups, (0.7, 0.4)):
             g_opt["lr"] = g_ref["lr"] = base * lr_schedule(step)
@@ -77,23 +58,8 @@ def _run(opt_cls, ref_kwargs, opt_kwargs, lr_schedule):
         losses = _losses(gen)
         opt.step(loss=losses)
         ref.update(float(losses.mean()), float((losses ** 2).mean()), grads)
-        for i, (p, x) in enumerate(zip(params, ref.params())):
-            _assert_close(p.detach(), x, f"step {step} param {i}")
-        f = opt.filter_state
-        _assert_close(f["R"], ref.R, f"step {step} R")
-        if momentum:
-            flat_u = [u for g in ref.u for u in g]
-            flat_avg = [v for g in ref.xavg for v in g]
-            for i, p in enumerate(params):
-                _assert_close(opt.state[p]["velocity"], flat_u[i], f"step {step} velocity {i}")
-                _assert_close(opt.state[p]["xavg"], flat_avg[i], f"step {step} xavg {i}")
-            _assert_close(f["Pxx"], ref.P[0][0], f"step {step} Pxx")
-            _assert_close(f["Pxu"], ref.P[0][1], f"step {step} Pxu")
-            _assert_close(f["Puu"], ref.P[1][1], f"step {step} Puu")
-            _assert_close(f["qx"], ref.qx, f"step {step} qx")
-        else:
-            _assert_close(f["p"], ref.p, f"step {step} p")
-        assert int(f["step"]) == step + 1
+        assert_matches_reference(opt, params, ref, f"step {step}")
+        assert int(opt.filter_state["step"]) == step + 1
     return params
 
 
@@ -105,26 +71,25 @@ def cosine(step):
 
 @pytest.mark.parametrize("raw_grad_step", [False, True], ids=["regularised-step", "raw-grad-step"])
 def test_koala_v_matches_reference_loop(raw_grad_step):
-    _run(KoalaV, dict(momentum=False, raw_grad_step=raw_grad_step), dict(raw_grad_step=raw_grad_step), cosine)
+    _run(V, dict(raw_grad_step=raw_grad_step), cosine)
 
 
 def test_koala_v_fixed_r_matches_reference_loop():
-    _run(KoalaV, dict(momentum=False, r=0.3, sigma=0.5, q=0.2), dict(r=0.3, sigma=0.5, q=0.2), cosine)
+    _run(V, dict(r=0.3, sigma=0.5, q=0.2), cosine)
 
 
 def test_koala_m_matches_reference_loop():
-    _run(KoalaM, dict(momentum=True), {}, cosine)
+    _run(M, {}, cosine)
 
 
 def test_koala_m_nondefault_filter_matches_reference_loop():
-    kw = dict(sw=0.3, sc=0.05, sv=0.2, a=0.5, qw=0.02, qv=0.03, alpha_r=0.5)
-    _run(KoalaM, dict(momentum=True, **kw), kw, lambda s: 1.0 if s < 8 else 0.1)
+    _run(M, dict(sw=0.3, sc=0.05, sv=0.2, a=0.5, qw=0.02, qv=0.03, alpha_r=0.5), lambda s: 1.0 if s < 8 else 0.1)
 
 
 def test_raw_grad_step_changes_the_trajectory_under_weight_decay():
     """The official KOALA-V steps along the raw gradient: with weight decay the weights differ
     from the default (regularised) step, so the option is really wired in (both runs match
     the reference above)."""
-    a = _run(KoalaV, dict(momentum=False, raw_grad_step=True), dict(raw_grad_step=True), cosine)
-    b = _run(KoalaV, dict(momentum=False), {}, cosine)
+    a = _run(V, dict(raw_grad_step=True), cosine)
+    b = _run(V, {}, cosine)
     assert not torch.allclose(a[4], b[4], rtol=1e-6)

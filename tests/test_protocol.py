@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from koala_triton import KoalaM, KoalaV
+from tests.variants import VARIANTS, variant_params
 
-BOTH = pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+BOTH = pytest.mark.parametrize("variant", variant_params())
 
 
 def _model(seed=0):
@@ -32,12 +33,12 @@ def _snapshot(opt, model):
 
 
 @BOTH
-def test_per_sample_losses_equal_update_with_mean_and_second_moment(cls):
+def test_per_sample_losses_equal_update_with_mean_and_second_moment(variant):
     x, y = _data()
     runs = []
     for form in ("per-sample", "update"):
         model = _model()
-        opt = cls(model.parameters())
+        opt = variant.cls(model.parameters())
         for _ in range(3):
             opt.predict()
             losses = _per_sample(model, x, y)
@@ -55,11 +56,11 @@ def test_per_sample_losses_equal_update_with_mean_and_second_moment(cls):
 
 
 @BOTH
-def test_step_closure_is_a_whole_iteration(cls):
+def test_step_closure_is_a_whole_iteration(variant):
     """step(closure) = predict, closure (with grad enabled), update; same as the manual loop."""
     x, y = _data()
     manual, closed = _model(), _model()
-    opt_m, opt_c = cls(manual.parameters()), cls(closed.parameters())
+    opt_m, opt_c = variant.cls(manual.parameters()), variant.cls(closed.parameters())
     for _ in range(3):
         opt_m.predict()
         losses = _per_sample(manual, x, y)
@@ -81,10 +82,10 @@ def test_step_closure_is_a_whole_iteration(cls):
 
 
 @BOTH
-def test_step_closure_after_explicit_predict_does_not_predict_twice(cls):
+def test_step_closure_after_explicit_predict_does_not_predict_twice(variant):
     x, y = _data()
     a, b = _model(), _model()
-    opt_a, opt_b = cls(a.parameters()), cls(b.parameters())
+    opt_a, opt_b = variant.cls(a.parameters()), variant.cls(b.parameters())
 
     def closure_for(model, opt):
         def closure():
@@ -102,9 +103,9 @@ def test_step_closure_after_explicit_predict_does_not_predict_twice(cls):
 
 
 @BOTH
-def test_missing_or_malformed_loss_is_a_clear_error_and_changes_nothing(cls):
+def test_missing_or_malformed_loss_is_a_clear_error_and_changes_nothing(variant):
     model = _model()
-    opt = cls(model.parameters())
+    opt = variant.cls(model.parameters())
     weights, filt = _snapshot(opt, model)
     with pytest.raises(ValueError, match="needs the loss"):
         opt.step()
@@ -129,15 +130,15 @@ def test_missing_or_malformed_loss_is_a_clear_error_and_changes_nothing(cls):
         opt.step(lambda: None)
     predicted = {k: v.clone() for k, v in opt.filter_state.items()}
     opt.step(loss=torch.rand(3))
-    cov = "p" if cls is KoalaV else "Pxx"
+    cov = variant.weight_variance_key
     assert float(opt.filter_state[cov]) <= float(predicted[cov])
     assert int(opt.filter_state["step"]) == 1
 
 
 @BOTH
-def test_fixed_r_accepts_a_scalar_loss_alone(cls):
+def test_fixed_r_accepts_a_scalar_loss_alone(variant):
     model = _model()
-    opt = cls(model.parameters(), r=0.5)
+    opt = variant.cls(model.parameters(), r=0.5)
     x, y = _data()
     opt.predict()
     losses = _per_sample(model, x, y)
@@ -149,9 +150,9 @@ def test_fixed_r_accepts_a_scalar_loss_alone(cls):
 
 
 @BOTH
-def test_update_runs_step_hooks_and_satisfies_lr_schedulers(cls):
+def test_update_runs_step_hooks_and_satisfies_lr_schedulers(variant):
     model = _model()
-    opt = cls(model.parameters())
+    opt = variant.cls(model.parameters())
     calls = []
     opt.register_step_pre_hook(lambda *a: calls.append("pre"))
     opt.register_step_post_hook(lambda *a: calls.append("post"))
@@ -211,19 +212,18 @@ def test_koala_v_step_without_predict_is_exactly_predict_then_update():
 
 
 @BOTH
-def test_step_with_no_gradient_at_all_is_a_no_op_update(cls):
+def test_step_with_no_gradient_at_all_is_a_no_op_update(variant):
     """The official code crashes (max of an empty list); here weights stay as predicted and
     the covariance stays at its prior."""
     model = _model()
-    opt = cls(model.parameters())
+    opt = variant.cls(model.parameters())
     opt.predict()
     weights, prior = _snapshot(opt, model)
     opt.step(loss=torch.rand(4))
     after_w, after_f = _snapshot(opt, model)
     for a, b in zip(weights, after_w):
         assert torch.equal(a, b)
-    cov = ["p"] if cls is KoalaV else ["Pxx", "Pxu", "Puu"]
-    for k in cov:
+    for k in variant.covariance_keys:
         assert torch.equal(prior[k], after_f[k]), k
     assert int(after_f["skipped_steps"]) == 0 and int(after_f["step"]) == 1
 
@@ -234,9 +234,9 @@ BAD = [float("nan"), float("inf"), float("-inf")]
 @BOTH
 @pytest.mark.parametrize("bad", BAD, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["loss", "loss_var", "grad"])
-def test_non_finite_input_skips_the_measurement_on_the_device(cls, bad, where):
+def test_non_finite_input_skips_the_measurement_on_the_device(variant, bad, where):
     model = _model()
-    opt = cls(model.parameters())
+    opt = variant.cls(model.parameters())
     x, y = _data()
     # one healthy step first so velocities and averages are non-trivial
     opt.predict()
@@ -256,7 +256,7 @@ def test_non_finite_input_skips_the_measurement_on_the_device(cls, bad, where):
     else:
         next(model.parameters()).grad[0, 0] = bad
     weights, prior = _snapshot(opt, model)
-    state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()} if cls is KoalaM else {}
+    state = {k: opt.state[p][k].clone() for p in model.parameters() for k in variant.state_keys}
     opt.update(loss, loss_var)
     after_w, after_f = _snapshot(opt, model)
     for a, b in zip(weights, after_w):
@@ -268,10 +268,9 @@ def test_non_finite_input_skips_the_measurement_on_the_device(cls, bad, where):
             assert int(after_f[k]) == int(prior[k]) + 1
         else:
             assert torch.equal(prior[k], after_f[k]), k
-    if cls is KoalaM:
-        after_state = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
-        for k in state:
-            assert torch.equal(state[k], after_state[k])
+    after_state = {k: opt.state[p][k] for p in model.parameters() for k in variant.state_keys}
+    for k in state:
+        assert torch.equal(state[k], after_state[k])
     # and the optimizer keeps working afterwards
     opt.predict()
     opt.zero_grad()
@@ -283,9 +282,9 @@ def test_non_finite_input_skips_the_measurement_on_the_device(cls, bad, where):
 
 
 @BOTH
-def test_tensor_below_eps_is_skipped(cls):
+def test_tensor_below_eps_is_skipped(variant):
     a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
-    opt = cls([a, b], eps=1e-3)
+    opt = variant.cls([a, b], eps=1e-3)
     opt.predict()
     a_pred = a.detach().clone()
     a.grad = torch.full((3,), 1e-4)  # norm 1.7e-4 < eps
@@ -293,18 +292,18 @@ def test_tensor_below_eps_is_skipped(cls):
     opt.step(loss=torch.rand(4))
     assert torch.equal(a.detach(), a_pred)
     assert not torch.equal(b.detach(), torch.ones(3))
-    if cls is KoalaM:
+    if "xavg" in variant.state_keys:
         assert torch.equal(opt.state[a]["xavg"], torch.zeros(3))
         assert not torch.equal(opt.state[b]["xavg"], torch.zeros(3))
 
 
 @BOTH
-def test_frozen_zero_dim_empty_and_noncontiguous_params_work(cls):
+def test_frozen_zero_dim_empty_and_noncontiguous_params_work(variant):
     frozen = torch.ones(4)  # requires_grad=False: never gets a grad
     scalar = torch.tensor(2.0, requires_grad=True)
     empty = torch.zeros(0, 3, requires_grad=True)
     strided = torch.empty_strided((3, 2), (1, 3)).copy_(torch.randn(3, 2)).requires_grad_()
-    opt = cls([frozen, scalar, empty, strided])
+    opt = variant.cls([frozen, scalar, empty, strided])
     for _ in range(3):
         opt.predict()
         loss = (scalar - 1) ** 2 + (strided ** 2).sum() + empty.sum()
@@ -320,7 +319,8 @@ def test_frozen_zero_dim_empty_and_noncontiguous_params_work(cls):
 def test_training_reduces_the_loss():
     """Both variants fit a small regression (a smoke check of the whole loop)."""
     x, y = _data()
-    for cls in (KoalaV, KoalaM):
+    for variant in VARIANTS.values():
+        cls = variant.cls
         model = _model()
         opt = cls(model.parameters())
         first = float(_per_sample(model, x, y).mean().detach())
@@ -334,12 +334,12 @@ def test_training_reduces_the_loss():
 
 
 @BOTH
-def test_add_param_group_after_construction_joins_the_same_filter(cls):
+def test_add_param_group_after_construction_joins_the_same_filter(variant):
     a = torch.ones(3, requires_grad=True)
-    opt = cls([a])
+    opt = variant.cls([a])
     b = torch.ones(2, dtype=torch.float64, requires_grad=True)
     opt.add_param_group({"params": [b], "lr": 0.5})
-    if cls is KoalaM:
+    if variant.has_velocity:
         assert torch.equal(opt.state[b]["velocity"], torch.zeros(2, dtype=torch.float64))
     opt.predict()
     a.grad, b.grad = torch.ones(3), torch.ones(2, dtype=torch.float64)

@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 
-from koala_triton import KoalaM, KoalaV
+from tests.variants import variant_params
 
 HOST_READS = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
 
@@ -38,13 +38,13 @@ def test_the_guard_itself_catches_a_host_read(monkeypatch):
             pass
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+@pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("r", [None, 0.5], ids=["adaptive-R", "fixed-R"])
-def test_predict_and_step_do_not_read_device_values(cls, r, monkeypatch):
+def test_predict_and_step_do_not_read_device_values(variant, r, monkeypatch):
     a = torch.randn(5, 3, requires_grad=True)
     b = torch.randn(3, requires_grad=True)
     c = torch.randn(4, requires_grad=True)
-    opt = cls([{"params": [a, b]}, {"params": [c], "weight_decay": 0.1, "lr": torch.tensor(0.5)}], r=r)
+    opt = variant.cls([{"params": [a, b]}, {"params": [c], "weight_decay": 0.1, "lr": torch.tensor(0.5)}], r=r)
     for step in range(3):
         a.grad = torch.randn(5, 3)
         b.grad = None if step == 1 else torch.full((3,), float("nan") if step == 2 else 1.0)

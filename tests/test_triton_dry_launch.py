@@ -17,16 +17,13 @@ pytest.importorskip("triton")
 from koala_triton import KoalaM, KoalaV  # noqa: E402
 from koala_triton.kernels import direct  # noqa: E402
 from tests import dry_launch  # noqa: E402
+from tests.variants import case_params  # noqa: E402
 
 _reason = dry_launch.unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
-VARIANTS = {
-    "V": (KoalaV, {}, 3),
-    "V-fixed-r": (KoalaV, {"r": 0.5}, 3),
-    "M": (KoalaM, {}, 4),
-    "M-fold": (KoalaM, {"fold_predict": True}, 3),
-}
+#: Every variant in every mode (ids V, V-fixed-r, M, M-fold).
+CASES = case_params()
 
 
 @pytest.fixture
@@ -64,12 +61,12 @@ def _iterate(opt, params, gen, loss_form):
 @pytest.mark.parametrize("loss_form", ["per-sample", "bf16-per-sample", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=["fp32", "bf16", "fp16", "fp64"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_steps_compile_for_sm90_once_and_launch_a_fixed_number_of_kernels(dry, variant, dtype, loss_form):
+@pytest.mark.parametrize("case", CASES)
+def test_steps_compile_for_sm90_once_and_launch_a_fixed_number_of_kernels(dry, case, dtype, loss_form):
     """Every launch binds and compiles for sm_90 with the arguments the optimizer really passes;
     the first iteration compiles each kernel variant it needs and later ones compile nothing;
     launches per iteration are the design's (NOTES.md); no kernel spills to local memory."""
-    cls, kwargs, expected = VARIANTS[variant]
+    cls, kwargs, expected = case.cls, case.kwargs, case.launches
     groups, params = _params(dtype)
     opt = cls(groups, fused=True, **kwargs)
     gen = torch.Generator().manual_seed(1)
@@ -80,10 +77,10 @@ def test_steps_compile_for_sm90_once_and_launch_a_fixed_number_of_kernels(dry, v
         per_iteration.append(len(dry.launches) - before)
         compiled.append(sum(len(v) for v in dry.loaded.values()))
     # fold mode's first predict is a separate pass (later ones are folded into the update)
-    first = expected + 1 if variant == "M-fold" else expected
+    first = expected + 1 if case.fold else expected
     assert per_iteration == [first] + [expected] * 3, per_iteration
     assert compiled[0] >= 3 and compiled[1:] == [compiled[1]] * 3, f"kernels compiled after each iteration: {compiled}"
-    assert compiled[1] - compiled[0] <= 1 if variant == "M-fold" else compiled[1] == compiled[0]
+    assert compiled[1] - compiled[0] <= 1 if case.fold else compiled[1] == compiled[0]
     for name, cubins in dry.loaded.items():
         for cubin in cubins:
             usage = dry_launch.resource_usage(cubin)
@@ -95,8 +92,8 @@ def test_steps_compile_for_sm90_once_and_launch_a_fixed_number_of_kernels(dry, v
                 assert usage["registers"] <= 128, f"{name}: {usage}"  # >= 4 warps' occupancy
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_direct_launches_pass_exactly_what_triton_dispatch_passes(dry, monkeypatch, variant):
+@pytest.mark.parametrize("case", CASES)
+def test_direct_launches_pass_exactly_what_triton_dispatch_passes(dry, monkeypatch, case):
     """Each launch is made twice: through ``JITFunction.run`` (direct launches off) and then
     directly; both must reach the launcher with the same compiled variant, grid and arguments.
     After the first iteration every launch is a direct one."""
@@ -112,7 +109,7 @@ def test_direct_launches_pass_exactly_what_triton_dispatch_passes(dry, monkeypat
         pairs.append((dry.launches[-2], dry.launches[-1], direct.STATS["direct"] - before["direct"]))
 
     monkeypatch.setattr(direct, "launch", both)
-    cls, kwargs, expected = VARIANTS[variant]
+    cls, kwargs, expected = case.cls, case.kwargs, case.launches
     groups, params = _params(torch.float32)
     opt = cls(groups, fused=True, **kwargs)
     gen = torch.Generator().manual_seed(2)
@@ -172,13 +169,13 @@ def _step(opt, params, gen, grads: bool):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_steps_without_any_gradient_compile_and_launch(dry, variant, dtype):
+@pytest.mark.parametrize("case", CASES)
+def test_steps_without_any_gradient_compile_and_launch(dry, case, dtype):
     """A step in which no parameter has a gradient (a frozen phase, a skipped backward) runs
     the filter kernel with no tensor to measure: its stand-in arguments must have the real
     ones' types (a float64 stand-in for the int64 slot table made a loop bound fp64).
     First step, and after gradient steps (tables and kernels already built)."""
-    cls, kwargs, _ = VARIANTS[variant]
+    cls, kwargs = case.cls, case.kwargs
     groups, params = _params(dtype)
     opt = cls(groups, fused=True, **kwargs)
     gen = torch.Generator().manual_seed(5)
@@ -189,11 +186,11 @@ def test_steps_without_any_gradient_compile_and_launch(dry, variant, dtype):
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0-dim", "1", "1x1"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_models_of_one_element_compile_and_launch(dry, variant, shape):
+@pytest.mark.parametrize("case", CASES)
+def test_models_of_one_element_compile_and_launch(dry, case, shape):
     """All parameters together hold one element: compiled Triton turns every integer argument
     equal to 1 (the element count, the number of tensors) into a compile-time constant."""
-    cls, kwargs, expected = VARIANTS[variant]
+    cls, kwargs, expected = case.cls, case.kwargs, case.launches
     params = [torch.randn(shape).requires_grad_()]
     opt = cls(params, fused=True, **kwargs)
     gen = torch.Generator().manual_seed(6)
@@ -205,12 +202,12 @@ def test_models_of_one_element_compile_and_launch(dry, variant, shape):
     assert per_iteration[1:] == [expected, expected]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_float_arguments_reach_the_kernels_in_float64(dry, variant):
+@pytest.mark.parametrize("case", CASES)
+def test_float_arguments_reach_the_kernels_in_float64(dry, case):
     """Compiled Triton passes an undeclared Python float argument as fp32 (the interpreter
     keeps the double): every float scalar parameter of every compiled kernel must be declared
     fp64, or float64 parameters would step with fp32(0.9) and fp32(0.1)."""
-    cls, kwargs, _ = VARIANTS[variant]
+    cls, kwargs = case.cls, case.kwargs
     groups, params = _params(torch.float64)
     opt = cls(groups, fused=True, **kwargs)
     gen = torch.Generator().manual_seed(7)

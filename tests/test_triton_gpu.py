@@ -23,16 +23,19 @@ import torch
 
 pytest.importorskip("triton")
 
-from koala_triton import KoalaM, KoalaV  # noqa: E402
-from tests.test_triton_interpreter import (  # noqa: E402
+from koala_triton import KoalaV  # noqa: E402
+from tests.helpers import (  # noqa: E402
     ULP,
-    _magnitude,
     assert_close_scaled,
+    assert_state_close_scaled,
     clone_params,
     compare_states,
     groups,
+    magnitude,
+    posterior_weights,
     run_pair,
 )
+from tests.variants import case_params, cases  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,48 +47,42 @@ DEVICE = "cuda"
 GPU_BIG = [(40_009,), (300, 257), (16_384,), (1_000_003,)]
 
 
-CASES = [(v, d) for v in ("V", "M") for d in (torch.float32, torch.bfloat16, torch.float16)] + [("M-fold", torch.float32)]
+#: Every variant in every dtype, fold mode in float32.
+CASES = ([(c, d) for c in cases(("default",)) for d in (torch.float32, torch.bfloat16, torch.float16)]
+         + [(c, torch.float32) for c in cases(("fold",))])
 
 
-@pytest.mark.parametrize("variant,dtype", CASES, ids=[f"{v}-{str(d)[6:]}" for v, d in CASES])
-def test_gpu_matches_pytorch_path(variant, dtype):
+@pytest.mark.parametrize("case,dtype", CASES, ids=[f"{c.id}-{str(d)[6:]}" for c, d in CASES])
+def test_gpu_matches_pytorch_path(case, dtype):
     """Error model and tolerances: tests/test_triton_interpreter.py's module docstring."""
-    cls = KoalaV if variant == "V" else KoalaM
-    fold = variant == "M-fold"
+    fold = case.fold
     steps = 15
     largest: dict[int, float] = {}
 
     def check(step, ref, tri, rp, tp):
         for i, a in enumerate(rp):
-            largest[i] = max(largest.get(i, 0.0), _magnitude([a]))
+            largest[i] = max(largest.get(i, 0.0), magnitude([a]))
         if dtype == torch.float32 and not fold:
-            compare_states(ref, tri, rp, tp, 1e-5, f"step {step}", momentum=cls is KoalaM)
+            compare_states(ref, tri, rp, tp, 1e-5, f"step {step}")
 
-    ref, tri, rp, tp = run_pair(cls, dtype, 152, steps, fold=fold, per_step=check, device=DEVICE, big=GPU_BIG)
+    ref, tri, rp, tp = run_pair(case, dtype, 152, steps, per_step=check, device=DEVICE, big=GPU_BIG)
     tol = 1e-5 if dtype == torch.float32 else 2 * steps * ULP[dtype]
-    context = tri.posterior_weights() if fold else _null()
-    with context:
+    with posterior_weights(tri, fold):
         for i, (a, b) in enumerate(zip(rp, tp)):
             assert_close_scaled(b, a, tol, f"param {i}", largest[i])
-    if cls is KoalaM:
-        for key in ("velocity", "xavg"):
-            scale = _magnitude(ref.state[x][key] for x in rp)
-            for i, (a, b) in enumerate(zip(rp, tp)):
-                assert_close_scaled(tri.state[b][key], ref.state[a][key], tol, f"{key} {i}", scale)
+    assert_state_close_scaled(ref, tri, rp, tp, tol)
     if not fold:  # fold mode's filter already holds the next prior
         for key, value in ref.filter_state.items():
             torch.testing.assert_close(tri.filter_state[key].double(), value.double(), rtol=max(tol, 1e-6), atol=0.0)
     assert int(tri.filter_state["skipped_steps"]) == 2
 
 
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
+#: One case per launch design: each variant's default mode, and fold mode.
+DESIGNS = case_params(("default", "fold"))
 
 
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_gpu_graph_capture_replays_to_eager(variant):
+@pytest.mark.parametrize("case", DESIGNS)
+def test_gpu_graph_capture_replays_to_eager(case):
     """A captured predict + update, replayed, gives the eager steps' weights bit for bit.
 
     Conditions (kernels/NOTES.md): grads keep their storage (copy new values in, never set
@@ -93,8 +90,7 @@ def test_gpu_graph_capture_replays_to_eager(variant):
     a few eager steps run first (tables, buffers and kernels are built outside the capture),
     and the optimizer is not stepped eagerly between replays. ``filter_state`` is read between
     replays (CPU twin: ``test_filter_reads_between_replayed_iterations_see_each_replayed_predict``)."""
-    cls = KoalaV if variant == "V" else KoalaM
-    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    cls, extra = case.cls, case.kwargs
     torch.manual_seed(0)
     shapes = [(), (7,), (300, 257), (40_009,), (33, 3)]
     eager_params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in shapes]
@@ -155,16 +151,14 @@ def test_gpu_graph_capture_replays_to_eager(variant):
         assert torch.equal(a, b)
     for key, value in eager.filter_state.items():
         assert torch.equal(graphed.filter_state[key], value), key
-    if cls is KoalaM:
-        for a, b in zip(eager_params, graph_params):
-            assert torch.equal(eager.state[a]["velocity"], graphed.state[b]["velocity"])
-            assert torch.equal(eager.state[a]["xavg"], graphed.state[b]["xavg"])
+    for a, b in zip(eager_params, graph_params):
+        for key in case.variant.state_keys:
+            assert torch.equal(eager.state[a][key], graphed.state[b][key])
 
 
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_gpu_step_does_not_synchronize(variant):
-    cls = KoalaV if variant == "V" else KoalaM
-    extra = {"fold_predict": True} if variant == "M-fold" else {}
+@pytest.mark.parametrize("case", DESIGNS)
+def test_gpu_step_does_not_synchronize(case):
+    cls, extra = case.cls, case.kwargs
     params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in [(), (5,), (300, 257), (1_000_003,)]]
     opt = cls(groups(params), fused=True, **extra)
 
@@ -211,28 +205,25 @@ def _kernels_per_iteration(cls, n, **extra):
     return len(kernels), len(triton)
 
 
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_gpu_launches_do_not_depend_on_tensors(variant):
+@pytest.mark.parametrize("case", DESIGNS)
+def test_gpu_launches_do_not_depend_on_tensors(case):
     """All device work of an iteration is our Triton kernels: V 3, M 4, M-fold 3 (KOALA-V's
-    predict is counted on the host, the loss moments are taken inside the filter kernel)."""
-    cls = KoalaV if variant == "V" else KoalaM
-    extra = {"fold_predict": True} if variant == "M-fold" else {}
-    few = _kernels_per_iteration(cls, 20, **extra)
-    many = _kernels_per_iteration(cls, 160, **extra)
+    predict is counted on the host, the loss moments are taken inside the filter kernel;
+    ``tests/variants.py``)."""
+    few = _kernels_per_iteration(case.cls, 20, **case.kwargs)
+    many = _kernels_per_iteration(case.cls, 160, **case.kwargs)
     assert few == many, f"(all kernels, triton kernels) per iteration: 20 tensors {few}, 160 tensors {many}"
-    expected = {"V": 3, "M": 4, "M-fold": 3}[variant]
-    assert few == (expected, expected), f"(all kernels, triton kernels) per iteration: {few}"
+    assert few == (case.launches, case.launches), f"(all kernels, triton kernels) per iteration: {few}"
 
 
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_gpu_direct_launches_match_dispatched_launches(variant, monkeypatch):
+@pytest.mark.parametrize("case", DESIGNS)
+def test_gpu_direct_launches_match_dispatched_launches(case, monkeypatch):
     """Two copies stepped alike, one with direct launches (``kernels/direct.py``), one with every
     launch through ``JITFunction.run``: bitwise equal weights and velocities, and the first
     copy's launches after its first iteration were direct."""
     from koala_triton.kernels import direct
 
-    cls = KoalaV if variant == "V" else KoalaM
-    extra = {"fold_predict": True} if variant == "M-fold" else {}
+    cls, extra = case.cls, case.kwargs
     gen = torch.Generator().manual_seed(7)
     shapes = [(), (5,), (300, 257), (40_009,), (16_384,)]
     a = [torch.randn(s, generator=gen).to(DEVICE).requires_grad_() for s in shapes]
@@ -253,7 +244,7 @@ def test_gpu_direct_launches_match_dispatched_launches(variant, monkeypatch):
     torch.cuda.synchronize()
     for pa, pb in zip(a, b):
         assert torch.equal(pa, pb)
-        if cls is KoalaM:
+        if case.variant.has_velocity:
             assert torch.equal(opt_a.state[pa]["velocity"], opt_b.state[pb]["velocity"])
 
 
@@ -276,16 +267,14 @@ def test_gpu_int64_addressing():
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_gpu_models_of_one_element_match_pytorch_path(variant):
+@pytest.mark.parametrize("case", DESIGNS)
+def test_gpu_models_of_one_element_match_pytorch_path(case):
     """One element in all (every integer argument equal to 1 is a compile-time constant) and a
     step without any gradient (the filter kernel's no-tensor launch)."""
-    cls = KoalaV if variant == "V" else KoalaM
-    fold = variant == "M-fold"
     tri_p = [torch.randn((), device=DEVICE, requires_grad=True)]
     ref_p = [tri_p[0].detach().clone().requires_grad_()]
-    tri = cls(tri_p, fused=True, **({"fold_predict": True} if fold else {}))
-    ref = cls(ref_p, fused=False)
+    tri = case.cls(tri_p, fused=True, **case.kwargs)
+    ref = case.cls(ref_p, fused=False, **case.twin_kwargs)
     gen = torch.Generator(device=DEVICE).manual_seed(8)
     for step in range(4):
         tri.predict()
@@ -295,8 +284,7 @@ def test_gpu_models_of_one_element_match_pytorch_path(variant):
         loss = torch.rand(4, device=DEVICE, generator=gen)
         tri.step(loss=loss)
         ref.step(loss=loss)
-    with tri.posterior_weights() if fold else _null():
+    with posterior_weights(tri, case.fold):
         assert_close_scaled(tri_p[0], ref_p[0], 1e-5, "weight")
-    if cls is KoalaM:
-        for key in ("velocity", "xavg"):
-            assert_close_scaled(tri.state[tri_p[0]][key], ref.state[ref_p[0]][key], 1e-5, key)
+    for key in case.variant.state_keys:
+        assert_close_scaled(tri.state[tri_p[0]][key], ref.state[ref_p[0]][key], 1e-5, key)

@@ -17,10 +17,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from koala_triton import KoalaM, KoalaV  # noqa: E402
 from koala_triton.kernels import tables as _tables  # noqa: E402
-from tests.test_host_cache import _assert_close, _groups  # noqa: E402
-from tests.test_triton_interpreter import clone_params, round_bf16_like_the_gpu  # noqa: E402
+from tests.helpers import assert_close, clone_params, posterior_weights, reference_groups  # noqa: E402
+from tests.helpers import round_bf16_like_the_gpu  # noqa: E402
+from tests.variants import case_params  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -53,13 +53,17 @@ def _storage_event(step, params, grads):
     return grads
 
 
-@pytest.mark.parametrize("cls, fold", [(KoalaV, False), (KoalaM, False), (KoalaM, True)], ids=["V", "M", "M-fold"])
-def test_triton_path_matches_pytorch_path_while_storages_move(interpreter, cls, fold):
+#: One case per launch design: each variant's default mode, and fold mode.
+DESIGNS = case_params(("default", "fold"))
+
+
+@pytest.mark.parametrize("case", DESIGNS)
+def test_triton_path_matches_pytorch_path_while_storages_move(interpreter, case):
     gen = torch.Generator().manual_seed(5)
     ref_params = _fp32_params(gen)
     tri_params = clone_params(ref_params)
-    ref = cls(_groups(ref_params), fused=False)
-    tri = cls(_groups(tri_params), fused=True, **({"fold_predict": True} if fold else {}))
+    ref = case.cls(reference_groups(ref_params), fused=False, **case.twin_kwargs)
+    tri = case.cls(reference_groups(tri_params), fused=True, **case.kwargs)
     for step in range(12):
         ref.predict()
         tri.predict()
@@ -76,26 +80,17 @@ def test_triton_path_matches_pytorch_path_while_storages_move(interpreter, cls, 
         tri.step(loss=losses)
         if step == 8:
             tri.load_state_dict(copy.deepcopy(tri.state_dict()))  # new state tensors
-        context = tri.posterior_weights() if fold else _null()
-        with context:
+        with posterior_weights(tri, case.fold):
             for i, (a, b) in enumerate(zip(ref_params, tri_params)):
-                _assert_close(b, a, f"step {step} param {i}", rtol=1e-5)
-        if cls is KoalaM:
+                assert_close(b, a, f"step {step} param {i}", rtol=1e-5)
+        if case.variant.has_velocity:
             for i, (a, b) in enumerate(zip(ref_params, tri_params)):
-                _assert_close(tri.state[b]["velocity"], ref.state[a]["velocity"], f"step {step} velocity {i}",
-                              rtol=1e-5)
+                assert_close(tri.state[b]["velocity"], ref.state[a]["velocity"], f"step {step} velocity {i}",
+                             rtol=1e-5)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-@pytest.mark.parametrize("cls, fold", [(KoalaV, False), (KoalaM, False), (KoalaM, True)], ids=["V", "M", "M-fold"])
-def test_steady_steps_build_no_tables(interpreter, monkeypatch, cls, fold):
+@pytest.mark.parametrize("case", DESIGNS)
+def test_steady_steps_build_no_tables(interpreter, monkeypatch, case):
     """With gradient storages that stay put, tables are built in the first iteration only, and
     again (once) after a parameter moves."""
     builds = []
@@ -103,7 +98,7 @@ def test_steady_steps_build_no_tables(interpreter, monkeypatch, cls, fold):
     monkeypatch.setattr(_tables, "table", lambda *a, **k: builds.append(1) or original(*a, **k))
     gen = torch.Generator().manual_seed(0)
     params = _fp32_params(gen)
-    opt = cls(params, fused=True, **({"fold_predict": True} if fold else {}))
+    opt = case.cls(params, fused=True, **case.kwargs)
     for p in params:
         p.grad = torch.zeros_like(p)
     counts = []
@@ -153,16 +148,17 @@ def _assert_untouched(opt, params, before):
         assert torch.equal(opt._filter[k], v), f"filter {k}"
 
 
-@pytest.mark.parametrize("cls, fold", [(KoalaV, False), (KoalaM, False), (KoalaM, True)], ids=["V", "M", "M-fold"])
+@pytest.mark.parametrize("case", DESIGNS)
 @pytest.mark.parametrize("change", ["dtype", "resized"])
-def test_tables_refuse_arrays_that_no_longer_match_their_parameter(interpreter, cls, fold, change):
+def test_tables_refuse_arrays_that_no_longer_match_their_parameter(interpreter, case, change):
     """A model converted to another dtype, or a parameter replaced by one of another size, after
     the optimizer was built: the gradient or KOALA-M's state no longer matches the parameter,
     and a kernel would read and write them past their ends. Refused with an error that names
     the tensor and what changed; weights, state and filter untouched."""
     gen = torch.Generator().manual_seed(11)
     params = _fp32_params(gen)
-    opt = cls(_groups(params), fused=True, **({"fold_predict": True} if fold else {}))
+    opt = case.cls(reference_groups(params), fused=True, **case.kwargs)
+    stateful = bool(case.variant.state_keys)  # KOALA-V has no state arrays to mismatch
     for _ in range(2):
         opt.predict()
         for p in params:
@@ -171,13 +167,13 @@ def test_tables_refuse_arrays_that_no_longer_match_their_parameter(interpreter, 
     if change == "dtype":  # as model.double() does to the parameters (KOALA-V: the grads stay)
         for p in params:
             p.data = p.data.double()
-        for p in params if cls is KoalaM else ():
+        for p in params if stateful else ():
             p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        message = "float32 but the parameter is torch.float64" if cls is KoalaM else "gradient.*float32"
+        message = "float32 but the parameter is torch.float64" if stateful else "gradient.*float32"
     else:  # a parameter replaced by a larger one (its old gradient dropped)
         params[4].data = torch.randn(200, generator=gen)
         params[4].grad = torch.randn(200, generator=gen)
-        message = "131 elements but the parameter has 200" if cls is KoalaM else None
+        message = "131 elements but the parameter has 200" if stateful else None
     if message is None:  # KOALA-V has no state: its gradient matches the new parameter
         opt.step(loss=torch.rand(4, generator=gen))
         return

@@ -32,6 +32,7 @@ Tolerances (the error model, per dtype):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -42,13 +43,29 @@ pytest.importorskip("triton")
 from koala_triton import KoalaM, KoalaV  # noqa: E402
 from koala_triton import _triton_backend  # noqa: E402
 from koala_triton.kernels import tables as _tables  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ULP,
+    assert_close_scaled,
+    assert_state_close_scaled,
+    assign,
+    clone_params,
+    compare_states,
+    grads_for_step,
+    groups,
+    losses_for_step,
+    magnitude,
+    make_params,
+    posterior_weights,
+    round_bf16_like_the_gpu,
+    run_pair,
+)
+from tests.variants import VARIANTS, case_params, variant_params  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
 STEPS = 15
 #: The real scratch-buffer getter (``poisoned_scratch`` wraps it with a NaN fill per use).
 _UNPOISONED_BUFFER = _triton_backend._buffer
-ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -56,31 +73,6 @@ ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     round_bf16_like_the_gpu(monkeypatch)
-
-
-def round_bf16_like_the_gpu(monkeypatch):
-    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU does.
-
-    A kernel's ``x.to(tl.bfloat16)`` compiles to ``cvt.rn.bf16.f32`` (round to nearest even;
-    checked in test_triton_compile.py), but triton 3.9's interpreter truncates that
-    conversion (``_convert_float`` with no rounding mode). Left alone, every bf16 store in
-    these tests would round differently from the GPU and from PyTorch. fp16 is unaffected
-    (the interpreter uses numpy's correctly rounded cast)."""
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    builder = interp.InterpreterBuilder
-    original = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        import triton.language as tl
-
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return interp.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    monkeypatch.setattr(builder, "cast_impl", cast_impl)
 
 
 @pytest.fixture(autouse=True)
@@ -96,161 +88,13 @@ def poisoned_scratch(monkeypatch):
     monkeypatch.setattr(_triton_backend, "_buffer", poisoned)
 
 
-# ------------------------------------------------------------------------------------ cases
-#: Awkward sizes: 0-dim, empty, 1, primes, a few multi-dim, and tensors larger than one
-#: interpreter tile (64 elements) or chunk (128), not multiples of either.
-SIZES = [(), (1,), (0,), (2,), (3,), (5,), (7,), (11,), (13,), (3, 5), (17,), (31,), (2, 3, 5), (4, 4), (37,)]
-BIG = [(67,), (131,), (16, 17), (257,)]
-
-
-def make_params(n: int, dtype: torch.dtype, seed: int = 0, *, odd_layouts: bool = True, device="cpu",
-                big=BIG) -> list[torch.Tensor]:
-    """``n`` leaf tensors cycling through SIZES, four larger than a chunk, plus (with
-    ``odd_layouts``) a transposed (dense), a strided (non-dense: staged) and a misaligned
-    (storage offset of one element: staged) parameter, and a frozen one."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [SIZES[i % len(SIZES)] for i in range(n - len(big))] + list(big)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-
-    params = [randn(s).requires_grad_() for s in shapes]
-    if odd_layouts:
-        params[5] = randn(3, 7).t().detach().requires_grad_()
-        params[6] = randn(6, 10)[:, ::2].detach().requires_grad_()
-        params[7] = randn(52)[1:50].detach().requires_grad_()
-        params[8] = randn(9).requires_grad_(False)  # frozen
-        assert params[5].stride() == (1, 7) and not params[6].is_contiguous()
-    return params
-
-
-def clone_params(params):
-    """Copies with the same strides and storage offset (so strided and misaligned parameters
-    stay strided and misaligned: ``clone()`` would make them contiguous)."""
-    out = []
-    for p in params:
-        storage = torch.empty(p.untyped_storage().nbytes() // p.element_size(), dtype=p.dtype, device=p.device)
-        q = storage.as_strided(p.shape, p.stride(), p.storage_offset())
-        q.copy_(p.detach())
-        out.append(q.detach().requires_grad_(p.requires_grad))
-    return out
-
-
-def groups(params):
-    """Two groups: different lr, weight decay and skip threshold."""
-    half = len(params) // 2
-    return [
-        {"params": params[:half], "lr": 0.7, "weight_decay": 0.0, "eps": 1e-9},
-        {"params": params[half:], "lr": 0.4, "weight_decay": 0.05, "eps": 1e-7},
-    ]
-
-
-def grads_for_step(params, step: int, gen: torch.Generator, dtype: torch.dtype):
-    # drawn on the CPU (one generator for every device), then moved
-    """The schedule of awkward cases: per-step None grads, tiny (skipped) grads, frozen params,
-    a step without any grad (4), a NaN gradient (9: the whole measurement is skipped)."""
-    out = []
-    for i, p in enumerate(params):
-        if not p.requires_grad or step == 4 or i % 7 == step % 7:
-            out.append(None)
-        elif i % 11 == step % 11:
-            out.append(torch.full(p.shape, 1e-12, dtype=torch.float64).to(device=p.device, dtype=dtype))
-        else:
-            out.append(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=dtype))
-    if step == 9:
-        target = next(j for j, gr in enumerate(out) if gr is not None and gr.numel() > 2)
-        out[target].view(-1)[1] = float("nan")
-    return out
-
-
-def losses_for_step(step: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
-    per_sample = torch.rand(8, generator=gen, dtype=torch.float64) * 2
-    if step == 12:
-        per_sample[3] = float("inf")  # non-finite loss: skipped
-    return per_sample.to(device)
-
-
-def assign(params, grads):
-    for p, gr in zip(params, grads):
-        if gr is None:
-            p.grad = None
-        else:
-            # the same values; keep the parameter's layout like autograd does for dense params
-            p.grad = gr.clone() if p.is_contiguous() else torch.empty_like(p).copy_(gr)
-
-
-def assert_close_scaled(actual, expected, rtol, what, scale=None):
-    """|actual - expected| <= rtol * scale, scale = max|expected| unless given.
-
-    Elementwise x − c·g and u = a·u − c·g can cancel, so errors are measured against the
-    magnitude of the values, not each (possibly tiny) element."""
-    if scale is None:
-        scale = float(expected.detach().double().abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=0.0, atol=rtol * scale + 1e-30,
-                               equal_nan=False, msg=lambda m: f"{what}: {m}")
-
-
-def _magnitude(tensors) -> float:
-    return max((float(t.detach().double().abs().max()) for t in tensors if t.numel()), default=0.0)
-
-
-def compare_states(ref_opt, tri_opt, ref_params, tri_params, rtol, what, *, momentum):
-    """Params, velocities, xavg and the filter. An array is compared at the magnitude of its
-    kind across all tensors (a velocity that is a small difference of two larger terms carries
-    the absolute error of those terms; see ``assert_close_scaled``)."""
-    for i, (a, b) in enumerate(zip(ref_params, tri_params)):
-        assert_close_scaled(b, a, rtol, f"{what}: param {i} {tuple(a.shape)}")
-    if momentum:
-        for key in ("velocity", "xavg"):
-            scale = _magnitude(ref_opt.state[a][key] for a in ref_params)
-            for i, (a, b) in enumerate(zip(ref_params, tri_params)):
-                assert_close_scaled(tri_opt.state[b][key], ref_opt.state[a][key], rtol, f"{what}: {key} {i}", scale)
-    ref_f, tri_f = ref_opt.filter_state, tri_opt.filter_state
-    for key, value in ref_f.items():
-        if value.dtype == torch.int64:
-            assert int(tri_f[key]) == int(value), f"{what}: filter {key}"
-        else:
-            torch.testing.assert_close(tri_f[key], value, rtol=max(rtol, 1e-6), atol=0.0,
-                                       msg=lambda m: f"{what}: filter {key}: {m}")
-
-
-def run_pair(cls, dtype, n, steps, *, seed=0, fold=False, odd_layouts=True, per_step=None, device="cpu",
-             big=BIG, **kwargs):
-    """Step a PyTorch-path and a Triton-path optimizer through the same schedule.
-
-    ``per_step(step, ref_opt, tri_opt, ref_params, tri_params)`` runs after every update.
-    In fold mode the Triton weights hold the prediction between steps; the comparison then
-    looks inside ``posterior_weights()`` and at u (the reference holds u⁺ there too)."""
-    ref_params = make_params(n, dtype, seed, odd_layouts=odd_layouts, device=device, big=big)
-    tri_params = clone_params(ref_params)
-    extra = {"fold_predict": True} if fold else {}
-    ref = cls(groups(ref_params), fused=False, **kwargs)
-    tri = cls(groups(tri_params), fused=True, **kwargs, **extra)
-    assert tri.uses_triton and not ref.uses_triton
-    gen = torch.Generator().manual_seed(seed + 1)
-    for step in range(steps):
-        ref.predict()
-        tri.predict()
-        grads = grads_for_step(ref_params, step, gen, dtype)
-        assign(ref_params, grads)
-        assign(tri_params, grads)
-        loss = losses_for_step(step, gen, device)
-        ref.step(loss=loss)
-        tri.step(loss=loss)
-        if per_step is not None:
-            per_step(step, ref, tri, ref_params, tri_params)
-    return ref, tri, ref_params, tri_params
-
-
 # ------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-def test_float32_matches_pytorch_path_on_152_awkward_tensors_over_15_steps(cls):
-    momentum = cls is KoalaM
-
+@pytest.mark.parametrize("variant", variant_params())
+def test_float32_matches_pytorch_path_on_152_awkward_tensors_over_15_steps(variant):
     def check(step, ref, tri, rp, tp):
-        compare_states(ref, tri, rp, tp, 1e-5, f"step {step}", momentum=momentum)
+        compare_states(ref, tri, rp, tp, 1e-5, f"step {step}")
 
-    ref, tri, _, _ = run_pair(cls, torch.float32, 152, STEPS, per_step=check)
+    ref, tri, _, _ = run_pair(variant.case(), torch.float32, 152, STEPS, per_step=check)
     f = tri.filter_state
     assert int(f["step"]) == STEPS and int(f["skipped_steps"]) == 2  # the NaN grad and the inf loss
 
@@ -263,7 +107,7 @@ def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_10_steps():
         with tri.posterior_weights():
             for i, (x, y) in enumerate(zip(rp, tp)):
                 assert_close_scaled(y, x, 1e-5, f"step {step}: posterior param {i}")
-        u_scale = _magnitude(ref.state[x]["velocity"] for x in rp)
+        u_scale = magnitude(ref.state[x]["velocity"] for x in rp)
         for i, (x, y) in enumerate(zip(rp, tp)):
             assert_close_scaled(tri.state[y]["velocity"], ref.state[x]["velocity"], 1e-5, f"step {step}: u {i}", u_scale)
             assert_close_scaled(tri.state[y]["xavg"], ref.state[x]["xavg"], 1e-5, f"step {step}: xavg {i}")
@@ -280,32 +124,29 @@ def test_fold_mode_matches_pytorch_path_on_152_awkward_tensors_over_10_steps():
         for key, value in prior.items():
             assert float(tri.filter_state[key]) == pytest.approx(value, rel=1e-5), f"step {step}: prior {key}"
 
-    run_pair(KoalaM, torch.float32, 152, 10, fold=True, per_step=check)
+    run_pair(VARIANTS["M"].case("fold"), torch.float32, 152, 10, per_step=check)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-def test_low_precision_matches_pytorch_path_within_the_rounding_error_model(cls, dtype):
+@pytest.mark.parametrize("variant", variant_params())
+def test_low_precision_matches_pytorch_path_within_the_rounding_error_model(variant, dtype):
     steps = 5
     largest: dict[int, float] = {}  # per tensor, the largest magnitude along the trajectory
 
     def track(step, ref, tri, rp, tp):
         for i, a in enumerate(rp):
-            largest[i] = max(largest.get(i, 0.0), _magnitude([a]))
+            largest[i] = max(largest.get(i, 0.0), magnitude([a]))
 
-    ref, tri, rp, tp = run_pair(cls, dtype, 152, steps, per_step=track)
+    ref, tri, rp, tp = run_pair(variant.case(), dtype, 152, steps, per_step=track)
     tol = 2 * steps * ULP[dtype]
     for i, (a, b) in enumerate(zip(rp, tp)):
         assert b.dtype == dtype
         # a flip is one ulp of the magnitude the element had when it happened
         assert_close_scaled(b, a, tol, f"param {i}", largest[i])
+    assert_state_close_scaled(ref, tri, rp, tp, tol)
     kinds = {"param": (rp, tp)}
-    if cls is KoalaM:
-        for key in ("velocity", "xavg"):
-            scale = _magnitude(ref.state[x][key] for x in rp)
-            for i, (a, b) in enumerate(zip(rp, tp)):
-                assert_close_scaled(tri.state[b][key], ref.state[a][key], tol, f"{key} {i}", scale)
-            kinds[key] = ([ref.state[x][key] for x in rp], [tri.state[y][key] for y in tp])
+    for key in variant.state_keys:
+        kinds[key] = ([ref.state[x][key] for x in rp], [tri.state[y][key] for y in tp])
     for kind, (expected, actual) in kinds.items():
         equal = sum(int((a == b).sum()) for a, b in zip(expected, actual))
         total = sum(a.numel() for a in expected)
@@ -315,20 +156,18 @@ def test_low_precision_matches_pytorch_path_within_the_rounding_error_model(cls,
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("options", [
-    {"cls": KoalaV, "r": 0.5},
-    {"cls": KoalaV, "raw_grad_step": True},
-    {"cls": KoalaM, "r": 0.25, "a": 0.5},
+@pytest.mark.parametrize("variant, options", [
+    (VARIANTS["V"], {"r": 0.5}),
+    (VARIANTS["V"], {"raw_grad_step": True}),
+    (VARIANTS["M"], {"r": 0.25, "a": 0.5}),
 ], ids=["V-fixed-R", "V-raw-grad-step", "M-fixed-R-a0.5"])
-def test_options_match_pytorch_path(options, dtype):
-    options = dict(options)
-    cls = options.pop("cls")
+def test_options_match_pytorch_path(variant, options, dtype):
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
 
     def check(step, ref, tri, rp, tp):
-        compare_states(ref, tri, rp, tp, rtol, f"step {step}", momentum=cls is KoalaM)
+        compare_states(ref, tri, rp, tp, rtol, f"step {step}")
 
-    run_pair(cls, dtype, 16, 6, per_step=check, **options)
+    run_pair(variant.case(), dtype, 16, 6, per_step=check, **options)
 
 
 def test_mixed_dtypes_launch_once_per_dtype_and_match():
@@ -442,20 +281,17 @@ def _steady_state_counts(cls, n, **kwargs):
     return per_iteration[-1], counter.torch_ops[-1]
 
 
-@pytest.mark.parametrize("variant", ["V", "V-r", "M", "M-fold"])
-def test_launches_per_step_do_not_depend_on_the_number_of_tensors(variant, monkeypatch):
+@pytest.mark.parametrize("case", case_params(rename={"V-fixed-r": "V-r"}))
+def test_launches_per_step_do_not_depend_on_the_number_of_tensors(case, monkeypatch):
     """All device work of one iteration: V 3 launches (norms, filter, update; predict is
     counted on the host, the loss moments are taken in the filter kernel), M 4 (predict;
     norms, filter, update), M-fold 3, and no torch op that would launch a device kernel.
     (The test-only NaN poisoning of scratch buffers, a fill per use, is switched off here.)"""
     monkeypatch.setattr(_triton_backend, "_buffer", _UNPOISONED_BUFFER)
-    cls = KoalaV if variant.startswith("V") else KoalaM
-    kwargs = {"fold_predict": True} if variant == "M-fold" else {"r": 0.5} if variant == "V-r" else {}
-    few, ops = _steady_state_counts(cls, 20, **kwargs)
-    many, _ = _steady_state_counts(cls, 160, **kwargs)
+    few, ops = _steady_state_counts(case.cls, 20, **case.kwargs)
+    many, _ = _steady_state_counts(case.cls, 160, **case.kwargs)
     assert few == many, f"(triton launches, torch kernels) per iteration: 20 tensors {few}, 160 tensors {many}"
-    expected = {"V": 3, "V-r": 3, "M": 4, "M-fold": 3}[variant]
-    assert few == (expected, 0), f"(triton launches, torch kernels) = {few}; torch ops: {ops}"
+    assert few == (case.launches, 0), f"(triton launches, torch kernels) = {few}; torch ops: {ops}"
 
 
 def test_tables_are_cached_while_storages_are_stable(monkeypatch):
@@ -569,17 +405,11 @@ def test_predict_twice_and_step_without_predict_match_pytorch_path():
             g = torch.randn(p.shape, generator=gen)
             p.grad, q.grad = g, g.clone()
         loss = torch.rand(4, generator=gen)
-        with pytest.warns(UserWarning) if step == 2 else _null():
+        with pytest.warns(UserWarning) if step == 2 else contextlib.nullcontext():
             tri.step(loss=loss)
-        with pytest.warns(UserWarning) if step == 2 else _null():
+        with pytest.warns(UserWarning) if step == 2 else contextlib.nullcontext():
             ref.step(loss=loss)
-    compare_states(ref, tri, ref_params, params, 1e-5, "end", momentum=True)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
+    compare_states(ref, tri, ref_params, params, 1e-5, "end")
 
 
 def test_state_dict_round_trip_resumes_like_the_uninterrupted_run(tmp_path):
@@ -627,13 +457,14 @@ LOSS_FORMS = {
 
 
 @pytest.mark.parametrize("form", list(LOSS_FORMS))
-@pytest.mark.parametrize("cls,kwargs", [(KoalaV, {}), (KoalaV, {"r": 0.3}), (KoalaM, {})], ids=["V", "V-r", "M"])
-def test_loss_forms_match_pytorch_path(cls, kwargs, form):
+@pytest.mark.parametrize("case", case_params(("default", "fixed-r"), rename={"V-fixed-r": "V-r"}))
+def test_loss_forms_match_pytorch_path(case, form):
     """The Triton filter kernel takes the loss moments itself (any float dtype, strided,
     scalar or per-sample); the PyTorch path converts to float64 and uses torch's mean."""
     params = make_params(6, torch.float32, odd_layouts=False)
     ref_params = clone_params(params)
-    tri, ref = cls(params, fused=True, **kwargs), cls(ref_params, fused=False, **kwargs)
+    kwargs = case.kwargs_with(r=0.3)  # fixed R = 0.3
+    tri, ref = case.cls(params, fused=True, **kwargs), case.cls(ref_params, fused=False, **kwargs)
     gen = torch.Generator().manual_seed(1)
     for step in range(3):
         tri.predict()
@@ -644,7 +475,7 @@ def test_loss_forms_match_pytorch_path(cls, kwargs, form):
         loss = torch.rand(5, generator=gen) + 0.5
         tri.step(**LOSS_FORMS[form](loss))
         ref.step(**LOSS_FORMS[form](loss.clone()))
-    compare_states(ref, tri, ref_params, params, 1e-5, form, momentum=cls is KoalaM)
+    compare_states(ref, tri, ref_params, params, 1e-5, form)
     assert int(tri.filter_state["skipped_steps"]) == (3 if form == "non-finite" else 0)
 
 
@@ -675,7 +506,7 @@ def test_koala_v_predicts_are_counted_and_shown_before_the_update(tmp_path):
         loss = torch.rand(4, generator=gen)
         tri.step(loss=loss)
         ref.step(loss=loss)
-    compare_states(ref, tri, ref_params, params, 1e-5, "V", momentum=False)
+    compare_states(ref, tri, ref_params, params, 1e-5, "V")
     saved = torch.load(tmp_path / "v.pt")
     assert saved["koala"]["predicted"] is True
     fresh = KoalaV(clone_params(params), fused=True, q=0.3)
@@ -708,17 +539,15 @@ def test_fused_true_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1"])
-@pytest.mark.parametrize("variant", ["V", "M", "M-fold"])
-def test_models_of_one_element_match_pytorch_path(variant, shape):
+@pytest.mark.parametrize("case", case_params(("default", "fold")))
+def test_models_of_one_element_match_pytorch_path(case, shape):
     """All parameters together hold one element (compiled Triton makes every integer argument
     equal to 1 a constant; ``tests/compiled_typing.py`` does the same here), with a step
     without a gradient in between. CPU twin of the dry-launch test of the same name."""
-    cls = KoalaV if variant == "V" else KoalaM
-    fold = variant == "M-fold"
     params = [torch.randn(shape, dtype=torch.float32).requires_grad_()]
     ref_params = clone_params(params)
-    tri = cls(params, fused=True, **({"fold_predict": True} if fold else {}))
-    ref = cls(ref_params, fused=False)
+    tri = case.cls(params, fused=True, **case.kwargs)
+    ref = case.cls(ref_params, fused=False, **case.twin_kwargs)
     gen = torch.Generator().manual_seed(8)
     for step in range(4):
         tri.predict()
@@ -728,12 +557,11 @@ def test_models_of_one_element_match_pytorch_path(variant, shape):
         loss = torch.rand(4, generator=gen)
         tri.step(loss=loss)
         ref.step(loss=loss)
-    with tri.posterior_weights() if fold else _null():
+    with posterior_weights(tri, case.fold):
         assert_close_scaled(params[0], ref_params[0], 1e-5, "weight")
-    if cls is KoalaM:
-        for key in ("velocity", "xavg"):
-            assert_close_scaled(tri.state[params[0]][key], ref.state[ref_params[0]][key], 1e-5, key)
-    if not fold:  # fold mode's filter already holds the next prior
+    for key in case.variant.state_keys:
+        assert_close_scaled(tri.state[params[0]][key], ref.state[ref_params[0]][key], 1e-5, key)
+    if not case.fold:  # fold mode's filter already holds the next prior
         for key, value in ref.filter_state.items():
             torch.testing.assert_close(tri.filter_state[key].double(), value.double(), rtol=1e-6, atol=0.0)
 
@@ -772,8 +600,10 @@ class ReplayedLaunches:
             _triton_backend.launch(fn, grid, device, **kwargs)
 
 
-@pytest.mark.parametrize("variant", ["M", "M-fold"])
-def test_filter_reads_between_replayed_iterations_see_each_replayed_predict(variant, monkeypatch):
+#: KOALA-M: its predict leaves a tail (qx from the distance to xavg, the covariance) pending on
+#: the device for the next filter kernel.
+@pytest.mark.parametrize("case", case_params(("default", "fold"), where=lambda c: c.variant.has_velocity))
+def test_filter_reads_between_replayed_iterations_see_each_replayed_predict(case, monkeypatch):
     """Under CUDA-graph replays the host never learns that a replayed pass raised the pending
     predict flag; ``filter_state`` and ``state_dict()`` must still apply it, at every read, not
     only at the first read after the capture. The replayed optimizer is compared with an eager
@@ -781,11 +611,10 @@ def test_filter_reads_between_replayed_iterations_see_each_replayed_predict(vari
     twice, or through ``state_dict()``. CPU twin of ``test_gpu_graph_capture_replays_to_eager``
     (which also reads the filter between replays)."""
     monkeypatch.setattr(_triton_backend, "_buffer", _UNPOISONED_BUFFER)  # replays run no host fills
-    extra = {"fold_predict": True} if variant == "M-fold" else {}
     eager_params = make_params(10, torch.float32, odd_layouts=False)
     graph_params = clone_params(eager_params)
-    eager = KoalaM(groups(eager_params), fused=True, **extra)
-    graphed = KoalaM(groups(graph_params), fused=True, **extra)
+    eager = case.cls(groups(eager_params), fused=True, **case.kwargs)
+    graphed = case.cls(groups(graph_params), fused=True, **case.kwargs)
     for p in eager_params + graph_params:
         p.grad = torch.zeros_like(p)
     static_loss = torch.zeros(6)

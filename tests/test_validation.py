@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from koala_triton import KoalaM, KoalaV
+from tests.variants import class_params
 
 
 def _p():
@@ -52,13 +53,13 @@ def test_koala_m_accepts_a_singular_psd_covariance():
     KoalaM(_p(), sw=0.1, sc=0.1, sv=0.1)  # det = 0: semi-definite is allowed
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_unknown_keyword_raises_type_error(cls):
     with pytest.raises(TypeError):
         cls(_p(), momentum=0.9)
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_hyperparameters_are_keyword_only(cls):
     with pytest.raises(TypeError):
         cls(_p(), 1.0, 0.1)
@@ -86,7 +87,7 @@ def test_group_values_are_validated():
         KoalaM([{"params": _p()}, {"params": _p(), "lr": -0.1}])
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_complex_params_are_refused(cls):
     with pytest.raises(ValueError, match="complex"):
         cls([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
@@ -97,7 +98,7 @@ def test_integer_params_are_refused():
         KoalaV([torch.zeros(3, dtype=torch.int64)])
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_sparse_gradients_are_refused_without_touching_weights(cls):
     p = torch.ones(4, requires_grad=True)
     opt = cls([p])
@@ -109,7 +110,7 @@ def test_sparse_gradients_are_refused_without_touching_weights(cls):
     assert torch.equal(p.detach(), before)
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_a_sparse_gradient_after_dense_steps_is_refused_without_touching_weights(cls):
     """The step layout is cached from the dense steps; the sparse gradient is still refused."""
     p = torch.ones(4, requires_grad=True)
@@ -138,14 +139,14 @@ def test_fused_true_without_kernels_or_gpu_is_a_clear_error():
         KoalaV(_p(), fused=True)
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_fused_false_and_none_use_the_pytorch_path_on_cpu(cls):
     assert cls(_p(), fused=False).uses_triton is False
     assert cls(_p(), fused=None).uses_triton is False
 
 
 @pytest.mark.parametrize("name", ["weight_decay", "eps"])
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM])
+@pytest.mark.parametrize("cls", class_params())
 def test_a_tensor_weight_decay_or_eps_set_on_a_group_is_refused_without_touching_weights(cls, name):
     """Set after construction (add_param_group validates its own): reading a device tensor on
     the host would synchronise, so the step refuses it with the name; only lr may be a tensor."""

@@ -10,9 +10,10 @@ here: on a CUDA device (real kernels), or on the CPU under ``TRITON_INTERPRET=1`
 interpreter; the suite's sizes are tiny for that reason). Kernel authors: extend this list if
 a new path appears.
 
-``IMPLEMENTATIONS_M`` (fixtures ``impl_m``, ``device_m``) adds what only KoalaM has: fold mode
-(``fold_predict=True``), on the Triton path only, so wherever that path joins. The KoalaM
-conformance tests run it (``harness`` knows its state layout between steps).
+``IMPLEMENTATIONS_M`` (fixtures ``impl_m``, ``device_m``) adds what only KoalaM has: its
+Triton-only modes (``tests/variants.py``: fold mode, ``fold_predict=True``), wherever the Triton
+path joins. The KoalaM conformance tests run it (``harness`` knows its state layout between
+steps).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 import koala_triton
 from tests.conformance.harness import interpreter_enabled
+from tests.variants import VARIANTS
 
 _HERE = Path(__file__).resolve().parent
 
@@ -51,8 +53,15 @@ def _triton(kwargs: dict, suffix: str = "") -> list:
 #: Constructor kwargs of each implementation under test (see the module docstring).
 IMPLEMENTATIONS = [pytest.param({"fused": False}, id="torch")] + _triton({})
 
+
+def implementations(variant) -> list:
+    """``IMPLEMENTATIONS`` and the variant's Triton-only modes (id suffix: the mode's name)."""
+    return IMPLEMENTATIONS + [param for mode in variant.modes if mode.triton_only
+                              for param in _triton(dict(mode.kwargs), f"-{mode.name}")]
+
+
 #: KoalaM's: the above and fold mode (Triton path only).
-IMPLEMENTATIONS_M = IMPLEMENTATIONS + _triton({"fold_predict": True}, "-fold")
+IMPLEMENTATIONS_M = implementations(VARIANTS["M"])
 
 
 def _device_of(impl: dict) -> torch.device:

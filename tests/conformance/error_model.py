@@ -208,12 +208,12 @@ def step_bounds(prec: Precision, t, c, dc, before, after, raw_direction: bool, i
     return out
 
 
-def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: bool, alpha_r,
+def update_bounds(prec: Precision, oracle, trace, *, variant, adaptive: bool, alpha_r,
                   prior: dict, raw_grad_step: bool = False,
                   inputs: ScalarInputErrors | None = None, velocity_error: list | None = None) -> dict:
     """Bounds for every quantity the update changes. ``prior`` holds the exact state the update
     started from (filter entries p or Pxx/Pxu/Puu, and KOALA-M's "xavg" lists); ``oracle`` is
-    after the update, ``trace`` its ``last_update``.
+    after the update, ``trace`` its ``last_update``; ``variant`` its ``tests.variants.VariantInfo``.
 
     ``velocity_error`` (fold mode only): per tensor, per element, the error of the predicted
     velocity û the kernel forms from the buffer (:func:`fold_velocity_errors`). Updated tensors
@@ -226,7 +226,7 @@ def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: boo
     R = trace.R
     dR = noise_error(prec, R, alpha_r, adaptive, inputs) if not trace.skipped else mpmath.mpf(0)
     out = {"x": [], "u": [], "xavg": []}
-    Pxx = prior["p"] if variant == "V" else prior["Pxx"]
+    Pxx = prior[variant.weight_variance_key]
     dGs = []
     for t in trace.tensors:
         after_x = oracle.x[t.index]
@@ -242,7 +242,7 @@ def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: boo
         dcx = coefficient_error(prec, t, Pxx, Pxx, R, dR, inputs, t.c_x)
         bx = step_bounds(prec, t, t.c_x, dcx, t.x_prior, after_x, raw_grad_step)
         out["x"].append(bx)
-        if variant == "M":
+        if variant.has_velocity:
             dcu = coefficient_error(prec, t, prior["Pxu"], Pxx, R, dR, inputs, t.c_u)
             out["u"].append(step_bounds(prec, t, t.c_u, dcu, t.u_prior, oracle.u[t.index], False,
                                         None if velocity_error is None else velocity_error[t.index]))
@@ -258,7 +258,7 @@ def update_bounds(prec: Precision, oracle, trace, *, variant: str, adaptive: boo
     S = Pxx * G + R
     dS = Pxx * dGmax + dR + prec.g("innovation") * S
     rel_rho = dR / R + dS / S + prec.g("posterior")
-    if variant == "V":
+    if not variant.has_velocity:
         out["p"] = oracle.p * rel_rho
     else:
         out["Pxx"] = oracle.Pxx * rel_rho

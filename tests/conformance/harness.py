@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 import mpmath
 import torch
 
-from koala_triton import KoalaM, KoalaV
-from oracle import DPS, KoalaMOracle, KoalaVOracle, exact, vector
+from oracle import DPS, exact, vector
 from tests.conformance import error_model as em
+from tests.variants import VariantInfo
 
-VARIANTS = {"V": (KoalaV, KoalaVOracle), "M": (KoalaM, KoalaMOracle)}
+#: The oracle's (and the snapshots') name of each per-parameter state array.
+ORACLE_STATE = {"velocity": "u", "xavg": "xavg"}
 
 
 def interpreter_enabled() -> bool:
@@ -92,13 +93,13 @@ class Scenario:
         return out
 
 
-def _signed_uniform(shape, gen, lo, hi) -> torch.Tensor:
+def signed_uniform(shape, gen, lo, hi) -> torch.Tensor:
     mag = torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo
     sign = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
     return mag * sign
 
 
-def build(scenario: Scenario, variant: str, dtype, impl: dict, device, seed: int = 0):
+def build(scenario: Scenario, variant: VariantInfo, dtype, impl: dict, device, seed: int = 0):
     """The optimizer, its flat param list, and the oracle built from the same exact values."""
     gen = torch.Generator().manual_seed(seed)
     torch_groups, oracle_groups, flat = [], [], []
@@ -107,19 +108,18 @@ def build(scenario: Scenario, variant: str, dtype, impl: dict, device, seed: int
         for shape in spec["shapes"]:
             if isinstance(shape, tuple) and len(shape) == 2 and shape[0] == NONCONTIGUOUS:
                 rows, cols = shape[1]
-                base = _signed_uniform((cols, rows), gen, 0.25, 2.0).to(dtype).to(device)
+                base = signed_uniform((cols, rows), gen, 0.25, 2.0).to(dtype).to(device)
                 t = base.t()
                 assert not t.is_contiguous()
             else:
-                t = _signed_uniform(shape, gen, 0.25, 2.0).to(dtype).to(device)
+                t = signed_uniform(shape, gen, 0.25, 2.0).to(dtype).to(device)
             params.append(t.requires_grad_())
         overrides = {k: spec[k] for k in ("lr", "weight_decay", "eps") if k in spec}
         torch_groups.append({"params": params, **overrides})
         oracle_groups.append({"params": [p.detach() for p in params], **overrides})
         flat.extend(params)
-    cls, oracle_cls = VARIANTS[variant]
-    opt = cls(torch_groups, **scenario.hyper, **impl)
-    oracle = oracle_cls(oracle_groups, **scenario.hyper)
+    opt = variant.cls(torch_groups, **scenario.hyper, **impl)
+    oracle = variant.oracle(oracle_groups, **scenario.hyper)
     return opt, flat, oracle
 
 
@@ -129,7 +129,7 @@ def make_grad(p: torch.Tensor, kind, gen) -> torch.Tensor | None:
     if kind == "tiny":
         g = torch.full(p.shape, 1e-12, dtype=torch.float64)
     else:
-        g = _signed_uniform(p.shape, gen, 0.25, 1.0) * float(kind)
+        g = signed_uniform(p.shape, gen, 0.25, 1.0) * float(kind)
     return g.to(p.dtype).to(p.device)
 
 
@@ -151,38 +151,38 @@ def grads_for(step: Step, flat, frozen: set, gen) -> list:
 # state snapshots
 
 
-def snapshot(opt, flat, variant: str) -> dict:
+def state_arrays(variant: VariantInfo) -> list[tuple[str, str]]:
+    """(optimizer state key, oracle name) of each per-parameter state array of the variant."""
+    return [(key, ORACLE_STATE[key]) for key in variant.state_keys]
+
+
+def snapshot(opt, flat, variant: VariantInfo) -> dict:
+    """Exact copies: "x", the state arrays under their oracle names ("u", "xavg") and "filter"
+    (every ``filter_state`` entry as a Python number)."""
     snap = {"x": [p.detach().clone() for p in flat],
             "filter": {k: v.item() for k, v in opt.filter_state.items()}}
-    if variant == "M":
-        snap["u"] = [opt.state[p]["velocity"].detach().clone() for p in flat]
-        snap["xavg"] = [opt.state[p]["xavg"].detach().clone() for p in flat]
+    for key, name in state_arrays(variant):
+        snap[name] = [opt.state[p][key].detach().clone() for p in flat]
     return snap
 
 
-def restart_oracle(oracle, snap: dict, variant: str, velocity_scale=None) -> None:
+def restart_oracle(oracle, snap: dict, variant: VariantInfo, velocity_scale=None) -> None:
     """Load the implementation's exact state into the oracle. ``velocity_scale`` (fold mode):
     the filter's velocity is velocity_scale·buffer (a^j after j predicts since the update)."""
     f = snap["filter"]
-    common = dict(x=snap["x"], R=f["R"], step=f["step"], skipped_steps=f["skipped_steps"])
-    if variant == "V":
-        oracle.load(p=f["p"], **common)
-    else:
-        u = snap["u"]
-        if velocity_scale is not None:
-            with mpmath.workdps(DPS):
-                u = [[velocity_scale * v for v in vector(t)] for t in u]
-        oracle.load(u=u, xavg=snap["xavg"], Pxx=f["Pxx"], Pxu=f["Pxu"], Puu=f["Puu"],
-                    qx=f["qx"], **common)
+    arrays = {name: snap[name] for _, name in state_arrays(variant)}
+    if velocity_scale is not None:
+        with mpmath.workdps(DPS):
+            arrays["u"] = [[velocity_scale * v for v in vector(t)] for t in arrays["u"]]
+    oracle.load(x=snap["x"], step=f["step"], skipped_steps=f["skipped_steps"],
+                **{k: f[k] for k in variant.filter_keys}, **arrays)
 
 
-def exact_state(snap: dict, variant: str) -> dict:
+def exact_state(snap: dict, variant: VariantInfo) -> dict:
     with mpmath.workdps(DPS):
         out = {k: exact(v) for k, v in snap["filter"].items()}
-        out["x"] = [vector(t) for t in snap["x"]]
-        if variant == "M":
-            out["u"] = [vector(t) for t in snap["u"]]
-            out["xavg"] = [vector(t) for t in snap["xavg"]]
+        for name in ("x", *(name for _, name in state_arrays(variant))):
+            out[name] = [vector(t) for t in snap[name]]
     return out
 
 
@@ -348,7 +348,12 @@ def _fold(impl: dict) -> bool:
     return bool(impl.get("fold_predict"))
 
 
-def run_restarted(variant: str, scenario: Scenario, dtype, impl: dict, device, seed: int = 0) -> int:
+def _filter_but_r(variant: VariantInfo) -> list[str]:
+    """The filter entries a predict and an update change besides R (bounds of their own)."""
+    return [k for k in variant.filter_keys if k != "R"]
+
+
+def run_restarted(variant: VariantInfo, scenario: Scenario, dtype, impl: dict, device, seed: int = 0) -> int:
     """Every step: restart the oracle from the implementation, compare after each predict and
     after the update against the one-phase error model. Returns the number of compared steps."""
     opt, flat, oracle = build(scenario, variant, dtype, impl, device, seed)
@@ -360,7 +365,7 @@ def run_restarted(variant: str, scenario: Scenario, dtype, impl: dict, device, s
     frozen = scenario.flat_frozen()
     gen = torch.Generator().manual_seed(1000 + seed)
     clock = FoldClock(_fold(impl), a)
-    assert variant == "M" or not clock.fold
+    assert not clock.fold or "fold" in variant.mode_names
     for k, step in enumerate(scenario.steps):
         _schedule(step, opt, oracle)
         assert step.predicts >= 1
@@ -380,19 +385,20 @@ def _restarted_predict(tag, opt, flat, oracle, variant, prec, clock, a, qv) -> N
         compare_unchanged(f"{tag} (already done by the folded update)", before, snapshot(opt, flat, variant))
         return
     restart_oracle(oracle, before, variant, clock.scale(j))
-    u_hat = [list(us) for us in oracle.u] if variant == "M" else None
+    u_hat = [list(us) for us in oracle.u] if variant.has_velocity else None
     opt.predict()
     oracle.predict()
     ex_before = exact_state(before, variant)
-    if variant == "V":
+    if variant.has_velocity:
+        b = em.predict_bounds_m(prec, ex_before, oracle, a, qv)
+    else:
         b = em.predict_bounds_v(prec, oracle.p)
-        compare_scalar(f"{tag} p^", opt.filter_state["p"], oracle.p, b["p"])
+    for name in _filter_but_r(variant):
+        compare_scalar(f"{tag} {name}^", opt.filter_state[name], getattr(oracle, name), b[name])
+    if not variant.has_velocity:
         for i, p in enumerate(flat):  # identity dynamics: weights untouched, bit for bit
             compare_tensor(f"{tag} x[{i}]", p, oracle.x[i], [0] * len(oracle.x[i]))
     else:
-        b = em.predict_bounds_m(prec, ex_before, oracle, a, qv)
-        for name in ("qx", "Pxx", "Pxu", "Puu"):
-            compare_scalar(f"{tag} {name}", opt.filter_state[name], getattr(oracle, name), b[name])
         if clock.fold:
             # x <- x + a^j·u+ with the buffer left as is (it keeps u+; the filter's velocity
             # a^(j+1)·u+ is formed by the next update)
@@ -433,7 +439,7 @@ def _restarted_update(tag, opt, flat, oracle, variant, prec, clock, step, frozen
     if clock.fold:
         x_post = [list(v) for v in oracle.x]
         bx_inside, bx_outside = em.fold_weight_bounds(prec, x_post, oracle.u, bounds["x"], bounds["u"])
-    if variant == "M":
+    if variant.has_velocity:
         with opt.posterior_weights():  # a no-op outside fold mode
             for t in trace.tensors:
                 compare_tensor(f"{tag} x[{t.index}] ({t.reason or 'updated'}; posterior_weights())",
@@ -457,20 +463,19 @@ def _restarted_update(tag, opt, flat, oracle, variant, prec, clock, step, frozen
                 "Puu": oracle.Puu, "qx": oracle.qx}
         oracle.predict()
         nb = em.fold_next_prior_bounds(prec, post, bounds, oracle, a, qv)
-        for name in ("qx", "Pxx", "Pxu", "Puu"):
+        for name in _filter_but_r(variant):
             compare_scalar(f"{tag} {name} (fold: the next prior)", opt.filter_state[name],
                            getattr(oracle, name), nb[name])
         for i, p in enumerate(flat):
             compare_tensor(f"{tag} weights[{i}] (fold: the next prediction x+ + u+)", p, oracle.x[i],
                            bx_outside[i])
         return
-    names = ("p",) if variant == "V" else ("Pxx", "Pxu", "Puu", "qx")
-    for name in names:
+    for name in _filter_but_r(variant):
         bound = bounds.get(name, mpmath.mpf(0))  # qx is not touched by the update
         compare_scalar(f"{tag} {name}", opt.filter_state[name], getattr(oracle, name), bound)
 
 
-def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0) -> mpmath.mpf:
+def run_free(variant: VariantInfo, scenario: Scenario, impl: dict, device, seed: int = 0) -> mpmath.mpf:
     """float64, no restarts: the oracle's own 60-digit trajectory against the implementation's,
     compared after every predict and every update (and after one more predict at the end, so
     that the last update's next prior is compared too). Returns the largest relative gap seen
@@ -520,7 +525,7 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
     def compare(tag, *, after_update):
         rtol = rtol_for(phases if after_update else phases + 1)
         f = opt.filter_state
-        if variant == "M" and after_update:
+        if variant.has_velocity and after_update:
             extra = [None] * len(flat)
             if clock.fold:  # posterior_weights() recomputes x+ = x_w - u+ (error_model)
                 with mpmath.workdps(DPS):
@@ -534,7 +539,7 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
         else:
             for i, p in enumerate(flat):
                 check(f"{tag} x[{i}]", p, oracle.x[i], path[i], rtol)
-        if variant == "M":
+        if variant.has_velocity:
             # the filter's velocity: the buffer, or in fold mode a^j·buffer between predicts
             scale = None if after_update else clock.scale()
             for i, p in enumerate(flat):
@@ -544,13 +549,12 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
                         got = [scale * v for v in vector(got)]
                 check(f"{tag} u[{i}]", got, oracle.u[i], vpath[i], rtol)
                 check(f"{tag} xavg[{i}]", opt.state[p]["xavg"], oracle.xavg[i], path[i], rtol)
-        if variant == "V":
-            check(f"{tag} p", f["p"], oracle.p, oracle.p, rtol)
-        elif not (clock.fold and after_update):  # fold: the filter holds the next prior
-            cov = oracle.Pxx + abs(oracle.Pxu) + oracle.Puu
-            for name in ("Pxx", "Pxu", "Puu"):
-                check(f"{tag} {name}", f[name], getattr(oracle, name), cov, rtol)
-            check(f"{tag} qx", f["qx"], oracle.qx, oracle.qx, rtol)
+        if not (clock.fold and after_update):  # fold: the filter holds the next prior
+            # covariance entries at the covariance's size (p; Pxx + |Pxu| + Puu), others at their own
+            cov = oracle.Pxx + abs(oracle.Pxu) + oracle.Puu if variant.has_velocity else oracle.p
+            for name in _filter_but_r(variant):
+                value = getattr(oracle, name)
+                check(f"{tag} {name}", f[name], value, cov if name in variant.covariance_keys else value, rtol)
         check(f"{tag} R", f["R"], oracle.R, oracle.R, rtol)
         compare_counters(tag, opt, oracle)
 
@@ -559,7 +563,7 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
         opt.predict()
         oracle.predict()
         clock.predicted()
-        if variant == "M":  # the momentum move x^ = x + u is part of the weights' path
+        if variant.has_velocity:  # the momentum move x^ = x + u is part of the weights' path
             with mpmath.workdps(DPS):
                 for i, us in enumerate(oracle.u):
                     path[i] += max((abs(v) for v in us), default=0)
@@ -577,7 +581,7 @@ def run_free(variant: str, scenario: Scenario, impl: dict, device, seed: int = 0
             for t in oracle.last_update.tensors:
                 if t.updated:
                     path[t.index] += max((abs(t.c_x * d) for d in t.direction), default=0)
-                    if variant == "M":
+                    if variant.has_velocity:
                         vpath[t.index] += max((abs(t.c_u * d) for d in t.direction), default=0)
                     max_c_wd = max(max_c_wd, abs(t.c_x) * t.wd)
         compare(f"step {k} update", after_update=True)

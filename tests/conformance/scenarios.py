@@ -1,10 +1,14 @@
 """The trajectories the conformance tests replay (small on purpose: the oracle runs at 60 digits
 and the Triton interpreter is slow). Shapes include a 0-dim tensor, an empty tensor and a
-non-contiguous one; three param groups with their own lr, weight decay and eps."""
+non-contiguous one; three param groups with their own lr, weight decay and eps.
+
+Each variant's hyper-parameters and its own extra scenarios are in its registry entry
+(``tests/variants.py``: ``scenario_hyper``, ``extra_scenarios``)."""
 
 from __future__ import annotations
 
 from tests.conformance.harness import NONCONTIGUOUS, OMIT, Scenario, Step
+from tests.variants import VariantInfo
 
 GROUPS = [
     {"shapes": [(5, 3), (3,)], "lr": 0.5, "weight_decay": 0.05},
@@ -12,9 +16,6 @@ GROUPS = [
     {"shapes": [(NONCONTIGUOUS, (2, 7)), (4, 4), (0,)], "eps": 1e-6, "weight_decay": 0.01},
 ]
 # flat indices: 0 (5,3)  1 (3,)  2 (7,)  3 ()  4 (2,7)^T  5 (4,4)  6 (0,)
-
-HYPER_V = {"sigma": 0.2, "q": 0.5, "alpha_r": 0.8}
-HYPER_M = {"sw": 0.2, "sc": 0.02, "sv": 0.1, "a": 0.9, "qw": 1e-2, "qv": 2e-2, "alpha_r": 0.8}
 
 _SCALES = [1.0, 0.5, 2.0, 1.0, 0.25]
 _LOSSES = [2.0, 1.5, 1.25, 1.0, 0.75]
@@ -24,8 +25,8 @@ def _plain_steps() -> list[Step]:
     return [Step(loss=L, scale=s) for L, s in zip(_LOSSES, _SCALES)]
 
 
-def scenarios(variant: str) -> list[Scenario]:
-    hyper = HYPER_V if variant == "V" else HYPER_M
+def scenarios(variant: VariantInfo) -> list[Scenario]:
+    hyper = dict(variant.scenario_hyper)
     out = [
         # groups with their own lr / weight decay / eps; R estimated from loss_var
         Scenario("groups-and-weight-decay", GROUPS, hyper, _plain_steps()),
@@ -100,15 +101,9 @@ def scenarios(variant: str) -> list[Scenario]:
             for s in (1.0, 0.5, 2.0)
         ]),
     ]
-    if variant == "V":
-        # the official KOALA-V: step along the raw gradient, S and h from g~ (KOALA.md §2)
-        out.append(Scenario("raw-grad-step", GROUPS, {**hyper, "raw_grad_step": True},
-                            _plain_steps()[:4]))
-    else:
-        # the reduction regime of KOALA.md §6 run through the general code path
-        out.append(Scenario("momentum-off", GROUPS,
-                            {**hyper, "a": 0.0, "sv": 0.0, "sc": 0.0, "qv": 0.0},
-                            _plain_steps()[:4]))
+    # the variant's own: plain steps with its options on top of its hyper-parameters
+    for name, options in variant.extra_scenarios.items():
+        out.append(Scenario(name, GROUPS, {**hyper, **options}, _plain_steps()[:4]))
     return out
 
 

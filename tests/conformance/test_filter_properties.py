@@ -19,6 +19,7 @@ from koala_triton import KoalaM, KoalaV
 from oracle import DPS, KoalaVOracle, exact, riccati_fixed_point
 from tests.conformance import error_model as em
 from tests.conformance import harness
+from tests.variants import VARIANTS
 
 pytestmark = pytest.mark.conformance
 
@@ -36,19 +37,20 @@ LONG = settings(PROPERTY, max_examples=4 if harness.interpreter_enabled() else 2
 SHAPES = [(3,), (2, 2), ()]
 dtypes = st.sampled_from(harness.DTYPES)
 seeds = st.integers(0, 2**16)
+variants = st.sampled_from(list(VARIANTS.values()))
 powers = st.integers(-6, 6).map(lambda e: 2.0**e)
 grad_scales = st.integers(-8, 12).map(lambda e: 2.0**e)
 
 
 def _params(dtype, device, seed, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
-    return [harness._signed_uniform(s, gen, 0.25, 2.0).to(dtype).to(device).requires_grad_()
+    return [harness.signed_uniform(s, gen, 0.25, 2.0).to(dtype).to(device).requires_grad_()
             for s in shapes]
 
 
 def _grads(params, scale, seed):
     gen = torch.Generator().manual_seed(seed + 1)
-    return [harness._signed_uniform(p.shape, gen, 0.25, 1.0).mul(scale).to(p.dtype).to(p.device)
+    return [harness.signed_uniform(p.shape, gen, 0.25, 1.0).mul(scale).to(p.dtype).to(p.device)
             for p in params]
 
 
@@ -88,8 +90,7 @@ def test_koala_v_posterior_p_is_positive_and_never_above_the_prior(impl, device,
 
 
 @PROPERTY
-@given(variant=st.sampled_from(["V", "M"]), dtype=dtypes, seed=seeds, sigma=powers, r=powers,
-       scale=grad_scales)
+@given(variant=variants, dtype=dtypes, seed=seeds, sigma=powers, r=powers, scale=grad_scales)
 def test_posterior_variance_falls_as_the_gradient_norm_grows(impl, device, variant, dtype, seed,
                                                              sigma, r, scale):
     """Same prior, gradient g vs 2g (‖2g‖² = 4‖g‖² exactly in binary): the larger gradient
@@ -100,31 +101,26 @@ def test_posterior_variance_falls_as_the_gradient_norm_grows(impl, device, varia
     posts = []
     for factor in (1.0, 2.0):
         params = _params(dtype, device, seed)
-        if variant == "V":
-            opt = KoalaV(params, sigma=sigma, q=1e-2, r=r, **impl)
-        else:
-            opt = KoalaM(params, sw=sigma, sc=0.0, sv=sigma, qw=1e-2, qv=1e-2, r=r, **impl)
+        opt = variant.cls(params, **variant.prior_kwargs(sigma), **variant.noise_kwargs(1e-2), r=r, **impl)
         opt.predict()
         for p, g in zip(params, grads):
             p.grad = g * factor
         opt.update(_loss(device), None)
-        posts.append(opt.filter_state["p" if variant == "V" else "Pxx"].item())
+        posts.append(opt.filter_state[variant.weight_variance_key].item())
     assert 0.0 < posts[1] < posts[0], f"p+(g) = {posts[0]}, p+(2g) = {posts[1]}"
 
 
 @PROPERTY
-@given(variant=st.sampled_from(["V", "M"]), dtype=dtypes, seed=seeds, sigma=powers, r=powers,
-       scale=grad_scales, wd=st.sampled_from([0.0, 0.125]))
+@given(variant=variants, dtype=dtypes, seed=seeds, sigma=powers, r=powers, scale=grad_scales,
+       wd=st.sampled_from([0.0, 0.125]))
 def test_lr_zero_leaves_weights_bitwise_unchanged_while_the_covariance_contracts(
         impl, device, variant, dtype, seed, sigma, r, scale, wd):
     params = _params(dtype, device, seed)
     assume(2**-16 <= _G_over_R(sigma, _grads(params, scale, seed), r) <= 2**40)
     before = [_bits(p) for p in params]
-    if variant == "V":
-        opt, key = KoalaV(params, lr=0.0, sigma=sigma, q=1e-2, r=r, weight_decay=wd, **impl), "p"
-    else:
-        opt = KoalaM(params, lr=0.0, sw=sigma, sc=0.0, sv=sigma, r=r, weight_decay=wd, **impl)
-        key = "Pxx"
+    opt = variant.cls(params, lr=0.0, **variant.prior_kwargs(sigma), **variant.noise_kwargs(1e-2), r=r,
+                      weight_decay=wd, **impl)
+    key = variant.weight_variance_key
     for k in range(3):
         opt.predict()
         prior = opt.filter_state[key].item()
@@ -134,7 +130,7 @@ def test_lr_zero_leaves_weights_bitwise_unchanged_while_the_covariance_contracts
         post = opt.filter_state[key].item()
         for i, (p, b) in enumerate(zip(params, before)):
             assert torch.equal(_bits(p), b), f"step {k}: weights of tensor {i} changed with lr = 0"
-            if variant == "M":
+            if variant.has_velocity:
                 assert not opt.state[p]["velocity"].any(), f"step {k}: velocity moved with lr = 0"
         assert 0.0 < post < prior, f"step {k}: {key} {prior} -> {post} did not contract"
 
@@ -239,7 +235,7 @@ def test_koala_m_without_momentum_takes_koala_v_steps(impl, device, dtype, seed,
         opt_m.update(_loss(device, 1.25), None)
         opt_v.update(_loss(device, 1.25), None)
         oracle.update(1.25, None, grads)
-        b = em.update_bounds(prec, oracle, oracle.last_update, variant="V", adaptive=False,
+        b = em.update_bounds(prec, oracle, oracle.last_update, variant=VARIANTS["V"], adaptive=False,
                              alpha_r=0.9, prior={"p": p_hat})
         for i, (pm, pv) in enumerate(zip(params_m, params_v)):
             harness.compare_tensor(f"step {k} x[{i}] M vs V", pm, harness.vector(pv),
@@ -251,7 +247,7 @@ def test_koala_m_without_momentum_takes_koala_v_steps(impl, device, dtype, seed,
 
 
 @LONG
-@given(variant=st.sampled_from(["V", "M"]), seed=seeds, sigma=powers, r=st.one_of(st.none(), powers),
+@given(variant=variants, seed=seeds, sigma=powers, r=st.one_of(st.none(), powers),
        bad=st.sampled_from(["loss", "loss_var", "grad"]))
 def test_a_non_finite_input_leaves_the_predicted_state_exactly(impl, device, variant, seed,
                                                                sigma, r, bad):
@@ -259,10 +255,7 @@ def test_a_non_finite_input_leaves_the_predicted_state_exactly(impl, device, var
     bit for bit as after predict; step and skipped_steps both count the call."""
     assume(not (bad == "loss_var" and r is not None))  # with a fixed r, loss_var is not an input
     params = _params(torch.float32, device, seed)
-    if variant == "V":
-        opt = KoalaV(params, sigma=sigma, r=r, weight_decay=0.125, **impl)
-    else:
-        opt = KoalaM(params, sw=sigma, sc=0.5 * sigma, sv=sigma, r=r, weight_decay=0.125, **impl)
+    opt = variant.cls(params, **variant.prior_kwargs(sigma, correlation=0.5), r=r, weight_decay=0.125, **impl)
     opt.predict()  # one healthy step first, so velocities and xavg are non-zero
     for p, g in zip(params, _grads(params, 1.0, seed)):
         p.grad = g
@@ -283,10 +276,8 @@ def test_a_non_finite_input_leaves_the_predicted_state_exactly(impl, device, var
         after = harness.snapshot(opt, params, variant)
         for i in range(len(params)):
             assert torch.equal(_bits(after["x"][i]), _bits(snap["x"][i])), f"step {k}: weights {i} moved"
-            if variant == "M":
-                for key in ("u", "xavg"):
-                    assert torch.equal(_bits(after[key][i]), _bits(snap[key][i])), (
-                        f"step {k}: {key} {i} moved")
+            for _, key in harness.state_arrays(variant):
+                assert torch.equal(_bits(after[key][i]), _bits(snap[key][i])), f"step {k}: {key} {i} moved"
         for key, value in snap["filter"].items():
             want = value + 1 if key in ("step", "skipped_steps") else value
             assert after["filter"][key] == want, (

@@ -18,6 +18,7 @@ from koala_triton import KoalaM, KoalaV
 from oracle import KoalaMOracle, KoalaVOracle
 from tests.conformance import error_model as em
 from tests.conformance import harness
+from tests.variants import VARIANTS
 
 pytestmark = pytest.mark.conformance
 
@@ -57,7 +58,7 @@ def test_koala_v_variance_stays_positive_and_exact_when_the_gradient_dwarfs_R(
     G = float(grads[0].double().pow(2).sum())
     naive = _naive_p(1.0, G, r, naive_dtype)
     assert naive <= 0.0 or abs(naive - r / G) > 0.5 * r / G, "the naive form survives: not a hazard"
-    bounds, _ = _restarted_update(opt, oracle, params, "V", grads, 1.0)
+    bounds, _ = _restarted_update(opt, oracle, params, VARIANTS["V"], grads, 1.0)
     post = opt.filter_state["p"].item()
     assert post > 0.0
     harness.compare_scalar("p+", post, oracle.p, bounds["p"])
@@ -73,7 +74,7 @@ def test_koala_v_covariance_recovers_after_a_collapse_scale_step(impl, device):
     oracle = KoalaVOracle([params[0].detach()], sigma=1.0, q=1e-3, r=1e-12)
     for k, scale in enumerate([1.0, 1.0, 1e-6, 1e-6]):
         grads = [torch.tensor([1.0, -0.5, 0.25], dtype=torch.float32, device=device) * scale]
-        bounds, _ = _restarted_update(opt, oracle, params, "V", grads, 1.0)
+        bounds, _ = _restarted_update(opt, oracle, params, VARIANTS["V"], grads, 1.0)
         harness.compare_scalar(f"step {k} p+", opt.filter_state["p"].item(), oracle.p, bounds["p"])
         assert opt.filter_state["p"].item() > 0.0
 
@@ -103,7 +104,7 @@ def test_koala_m_covariance_stays_psd_from_a_near_singular_prior(impl, device, r
     opt = KoalaM(params, **hyper, **impl)
     oracle = KoalaMOracle([params[0].detach()], **hyper)
     grads = [torch.tensor([1.0, -0.5, 0.25, 0.75], dtype=torch.float32, device=device)]
-    bounds, P_hat = _restarted_update(opt, oracle, params, "M", grads, 1.0)
+    bounds, P_hat = _restarted_update(opt, oracle, params, VARIANTS["M"], grads, 1.0)
     G = float(oracle.last_update.Gmax)
     naive = _naive_m(P_hat, G, r, np.float32)
     exact_puu = float(oracle.Puu)
