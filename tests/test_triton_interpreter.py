@@ -479,10 +479,11 @@ def test_loss_forms_match_pytorch_path(case, form):
     assert int(tri.filter_state["skipped_steps"]) == (3 if form == "non-finite" else 0)
 
 
-def test_koala_v_predicts_are_counted_and_shown_before_the_update(tmp_path):
-    """KOALA-V's predict launches nothing on the Triton path; the filter kernel adds q once per
-    predict (bit for bit the PyTorch path's p += q each), and filter_state / state_dict show
-    p̂ between predict() and the update."""
+def test_koala_v_predict_is_deferred_and_shown_before_the_update(tmp_path):
+    """KOALA-V's predict launches nothing on the Triton path; the filter kernel adds q (bit for
+    bit the PyTorch path's p += q), once however often predict() is called before the update
+    (it is idempotent within an iteration), and filter_state / state_dict show p̂ between
+    predict() and the update."""
     params = make_params(8, torch.float32, odd_layouts=False)
     ref_params = clone_params(params)
     tri, ref = KoalaV(params, fused=True, q=0.3), KoalaV(ref_params, fused=False, q=0.3)
@@ -493,6 +494,7 @@ def test_koala_v_predicts_are_counted_and_shown_before_the_update(tmp_path):
         for _ in range(repeats):
             tri.predict()
             ref.predict()
+        if repeats:
             expected += 0.3
         if step in (0, 3):  # read between predict and update: p̂, exactly
             assert torch.equal(tri.filter_state["p"], expected)

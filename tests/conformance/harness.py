@@ -62,7 +62,8 @@ class Step:
     per_sample: use ``step(loss=tensor)`` with these per-sample losses instead of update().
     python_scalars: pass loss and loss_var to update() as the Python numbers they are (as users
         pass ``loss.item()``), not as float64 tensors.
-    predicts: predict() calls before the update (2: a double predict).
+    predicts: predict() calls before the update (2: a double predict; only the first is a time
+        update, as ``predict()`` is idempotent within an iteration).
     """
 
     loss: float = 1.0
@@ -371,7 +372,12 @@ def run_restarted(variant: VariantInfo, scenario: Scenario, dtype, impl: dict, d
         assert step.predicts >= 1
         for n in range(step.predicts):
             tag = f"step {k} predict" + (f" {n + 1}/{step.predicts}" if step.predicts > 1 else "")
-            _restarted_predict(tag, opt, flat, oracle, variant, prec, clock, a, qv)
+            if n == 0:
+                _restarted_predict(tag, opt, flat, oracle, variant, prec, clock, a, qv)
+            else:  # predict() is idempotent within an iteration: the oracle predicts once
+                before = snapshot(opt, flat, variant)
+                opt.predict()
+                compare_unchanged(f"{tag} (a second predict does nothing)", before, snapshot(opt, flat, variant))
         _restarted_update(f"step {k} update", opt, flat, oracle, variant, prec, clock, step, frozen,
                           gen, adaptive, alpha_r, hyper, device, a, qv)
     return len(scenario.steps)
@@ -494,8 +500,8 @@ def run_free(variant: VariantInfo, scenario: Scenario, impl: dict, device, seed:
         vpath = [mpmath.mpf(0) for _ in flat]
         max_c_wd = mpmath.mpf(0)
     worst = mpmath.mpf(0)
-    # steps of the error budget: updates + extra predicts (error_model: an extra predict counts
-    # as a step); a predict is part of the step it begins (the budget of that step's update)
+    # steps of the error budget: the updates; a predict is part of the step it begins (the
+    # budget of that step's update), and a repeated predict() does nothing
     phases = 0
 
     def check(label, got, ref, scale, rtol, extra=None):
@@ -571,9 +577,10 @@ def run_free(variant: VariantInfo, scenario: Scenario, impl: dict, device, seed:
 
     for k, step in enumerate(scenario.steps):
         _schedule(step, opt, oracle)
-        for n in range(step.predicts):
-            phases += n > 0
-            predict_both(f"step {k} predict" + (f" {n + 1}/{step.predicts}" if step.predicts > 1 else ""))
+        predict_both(f"step {k} predict")
+        for n in range(1, step.predicts):  # predict() is idempotent: nothing more happens
+            opt.predict()
+            compare(f"step {k} predict {n + 1}/{step.predicts} (does nothing)", after_update=False)
         _update_both(opt, oracle, step, flat, frozen, gen, adaptive, device)
         clock.updated()
         phases += 1

@@ -86,8 +86,9 @@ def scenarios(variant: VariantInfo) -> list[Scenario]:
             Step(loss=2, loss_var=5, python_scalars=True),
             Step(loss=1.0 / 3.0, python_scalars=True, scale=2.0),
         ]),
-        # predict() twice (and three times) before an update: the filter predicts as often
-        # (fold mode keeps the velocity deferred: x += a^j·u+, and the update forms a^j·u+)
+        # predict() twice (and three times) before an update: only the first predicts, the
+        # others change nothing (predict() is idempotent within an iteration; fold mode's
+        # predict after a folded update only acknowledges it)
         Scenario("double-predict", GROUPS, hyper, [
             Step(loss=2.0),
             Step(loss=1.5, predicts=2),
