@@ -138,6 +138,12 @@ class KoalaOptimizer(Optimizer):
         self._predict()
         self._predict_state.to_prior()
 
+    def train(self) -> None:
+        """``predict()``, for frameworks that call ``optimizer.train()`` before each training
+        forward pass (the Hugging Face Trainer does: it is how it supports schedule-free
+        optimizers). Idempotent like ``predict()``."""
+        self.predict()
+
     def observe(self, loss, loss_var=None) -> None:
         """Hand the loss of the coming update to the optimizer where it is computed.
 
@@ -186,35 +192,38 @@ class KoalaOptimizer(Optimizer):
             The closure's result, or ``loss`` as given.
         """
         adaptive = self._hyper["r"] is None
+        floor = self._hyper["loss_floor"]
+        observed = self._predict_state.observed
+        if loss is not None and observed is not None:
+            raise ValueError("step(loss=...) after observe(): hand the loss over one way, not both")
+        # Validate a given loss before anything runs, so bad input changes no state.
+        given = None if loss is None else _loss.validate(loss, loss_var, adaptive=adaptive, device=self._device,
+                                                         floor=floor)
+        result = loss
         if closure is not None:
-            if loss is not None:
-                raise ValueError("step(): pass either a closure or loss=..., not both")
             if not self._predict_state.requested:
                 self.predict()
             with torch.enable_grad():
                 result = closure()
-            if self._predict_state.observed is not None:
-                loss_in = self._predict_state.observed
-            elif result is None:
-                raise ValueError("step(closure): the closure must return the loss (per-sample or mean), "
-                                 "or hand the per-sample losses to observe()")
-            else:
-                loss_in = _loss.validate(result, None, adaptive=adaptive, device=self._device,
-                                      floor=self._hyper["loss_floor"])
-        elif loss is None:
-            if self._predict_state.observed is None:
-                raise ValueError(
-                    f"{type(self).__name__}.step() needs the loss: step(loss=per_sample_losses), "
-                    "update(loss, loss_var), step(closure), or observe(per_sample_losses) before "
-                    "step(); KOALA's update is driven by the loss value"
-                )
-            loss_in, result = self._predict_state.observed, None
+            observed = self._predict_state.observed  # the closure may have observed the losses
+            if given is not None and (observed is not None or result is not None):
+                raise ValueError("step(): pass either a closure or loss=..., not both (a closure that "
+                                 "returns None, as frameworks pass, may come with loss=...)")
+        if given is not None:
+            loss_in = given
+        elif observed is not None:
+            loss_in = observed
+        elif closure is not None and result is not None:
+            loss_in = _loss.validate(result, None, adaptive=adaptive, device=self._device, floor=floor)
+        elif closure is not None:
+            raise ValueError("step(closure): the closure must return the loss (per-sample or mean), "
+                             "or hand the per-sample losses to observe()")
         else:
-            if self._predict_state.observed is not None:
-                raise ValueError("step(loss=...) after observe(): hand the loss over one way, not both")
-            # Validate the loss before the implicit predict, so bad input changes no state.
-            loss_in, result = _loss.validate(loss, loss_var, adaptive=adaptive, device=self._device,
-                                      floor=self._hyper["loss_floor"]), loss
+            raise ValueError(
+                f"{type(self).__name__}.step() needs the loss: step(loss=per_sample_losses), "
+                "update(loss, loss_var), step(closure), or observe(per_sample_losses) before "
+                "step(); KOALA's update is driven by the loss value"
+            )
         if not self._predict_state.requested:
             self._implicit_predict()
         self._measure(loss_in)
