@@ -126,3 +126,21 @@ def test_a_checkpoint_from_before_the_loss_floor_loads(cls):
     assert opt._hyper["loss_floor"] == 0.0 and int(opt.filter_state["below_floor_steps"]) == 0
     with pytest.warns(UserWarning, match="loss_floor: 1.0 -> 0.0"):
         cls(_params(), loss_floor=1.0).load_state_dict(state)
+
+
+@BOTH
+def test_one_cycle_lr_works_without_momentum_cycling(cls):
+    """KOALA's param groups have no momentum/betas (KOALA-M's momentum is the filter's a):
+    OneCycleLR needs cycle_momentum=False, and says so itself otherwise."""
+    params = _params()
+    opt = cls(params)
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, cycle_momentum=False)
+    gen = torch.Generator().manual_seed(4)
+    lrs = []
+    for _ in range(5):
+        _iterate(opt, params, gen)
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] != lrs[-1] and int(opt.filter_state["step"]) == 5

@@ -142,7 +142,9 @@ def _loader(n=128, seed=0):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
 
 
-def _module(lightning, cls, manual: bool, record: list):
+def _module(lightning, cls, manual, record: list):
+    """manual: False (automatic optimization), True (step(loss=...)), or "closure"
+    (step(closure=lambda: losses): the closure returns the per-sample losses)."""
     class Module(lightning.LightningModule):
         def __init__(self):
             super().__init__()
@@ -168,13 +170,16 @@ def _module(lightning, cls, manual: bool, record: list):
                 return losses.mean()
             opt.zero_grad()
             self.manual_backward(losses.mean())
-            opt.step(loss=losses.detach())
+            if manual == "closure":
+                opt.step(closure=lambda: losses.detach())
+            else:
+                opt.step(loss=losses.detach())
 
     return Module()
 
 
 @pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
-@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+@pytest.mark.parametrize("manual", [False, True, "closure"], ids=["automatic", "manual", "manual-closure"])
 def test_lightning_takes_one_predict_and_one_update_per_step(cls, manual):
     lightning = _lightning()
     from koala_triton.integrations.lightning import KoalaCallback
