@@ -33,6 +33,7 @@ def main() -> int:
         print()
     print(f"KOALA-V Riccati fixed point  p* = {derive_riccati().fixed_point}")
     print(f"  <- {RICCATI_SOURCE}\n")
+    _print_koala_pp()
 
     failed = 0
     total = 0
@@ -46,6 +47,24 @@ def main() -> int:
     verdict = "ALL HOLD" if not failed else f"{failed} FAILED"
     print(f"\n{total} certificates, {verdict} ({elapsed:.1f} s)")
     return 0 if not failed else 1
+
+
+def _print_koala_pp() -> None:
+    from .kpp_derive import derive_pp
+    from .paper import PP_PAPER, PP_SOURCES
+
+    print(f"{PP_PAPER}: one filter per tensor carrying v_k = H_k P_{{k-1}}")
+    print("symbols: HH = H_k·H_k, Hh = H_k·h, Hv = H_k·v_{k-1} (the step's three new dot products); "
+          "hh = ‖h‖², hv = h·v_{k-1}, S0 = S_{k-1} (stored by the last step); h = H_{k-1}\n")
+    for estimate in ("symmetric", "plain"):
+        d = derive_pp(estimate)
+        print(f"KOALA++, {estimate} estimate")
+        for stage, forms in d.stages().items():
+            for label, line in zip((f"[{stage}]", *[""] * 2), PP_SOURCES[stage]):
+                print(f"  {label:16}<- {line}")
+            for name, expr in forms.items():
+                print(f"    {name:28} = {expr}")
+        print()
 
 
 if __name__ == "__main__":

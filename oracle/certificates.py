@@ -37,6 +37,7 @@ from .assumptions import (
 from .checks import Check, is_zero
 from .derive import derive_m, derive_reduction, derive_riccati, derive_v, scalar_symbols
 from .evaluator import DPS, KoalaMOracle, KoalaVOracle
+from .kpp_certificates import PP_CERTIFICATES
 
 __all__ = ["all_checks", "CERTIFICATES", "EXACT_SIZES"]
 
@@ -403,6 +404,7 @@ CERTIFICATES: list[tuple[str, Callable[[], list[Check]]]] = [
     ("layer-wise observations", lambda: [layerwise_against_whole_model()]),
     ("evaluator vs full-matrix KOALA-V", lambda: [evaluator_against_matrix_koala("V")]),
     ("evaluator vs full-matrix KOALA-M", lambda: [evaluator_against_matrix_koala("M")]),
+    *PP_CERTIFICATES,
 ]
 
 

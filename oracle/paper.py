@@ -14,7 +14,7 @@ instance, updates P in the naive form P^ - P^ diag(h, 0) P^).
 
 from __future__ import annotations
 
-__all__ = ["PAPER", "TABLE_1", "SOURCES", "RICCATI_SOURCE", "sources"]
+__all__ = ["PAPER", "TABLE_1", "SOURCES", "RICCATI_SOURCE", "sources", "PP_PAPER", "PP_SOURCES"]
 
 PAPER = "Davtyan et al., KOALA, AAAI 2022 (arXiv 2107.03331)"
 
@@ -63,3 +63,20 @@ RICCATI_SOURCE = (
 def sources(variant: str, stage: str) -> tuple[str, ...]:
     """The paper's lines (two or three strings) behind ``stage`` of ``variant`` ("V" or "M")."""
     return SOURCES[(variant, stage)]
+
+
+# KOALA++ (:mod:`oracle.kpp_derive`): the paper and the authors' code behind each stage. "Code" is
+# github.com/Sumxiaa/KOALA_Plus_Plus, ``Task1_Image_Classification/koalap.py``.
+PP_PAPER = "Xia, Davtyan, Favaro, KOALA++, NeurIPS 2025 (arXiv 2506.04432)"
+
+PP_SOURCES = {
+    "gain": (_GAIN, "KOALA++: the directional surrogate v_k = H_k P_{k-1}, identity dynamics, Q·I, "
+             "so S_k = v_k·H_k + Q‖H_k‖² + R and K_k = (v_k + Q·H_k)ᵀ/S_k"),
+    "surrogate": ("Table 1 update at k-1: P_{k-1} = P^_{k-1} - P^_{k-1} hᵀ h P^_{k-1}/S_{k-1}, multiplied by H_k",
+                  "KOALA++: λ from the symmetry of P_{k-2}; H_k P_{k-2} is the term v_{k-1} leaves open"),
+    "recursion": ("KOALA++: H_k P_{k-2} from the least-squares estimate of P_{k-2} given h P_{k-2} = v_{k-1} "
+                  "(plain or symmetric, the code's is_symmetric)",
+                  "code: v_k = (α − λ)·v_{k-1} + Q·(H_k − λ·h) + r·h"),
+    "three dots": ("derived here: v_k·H_k from H_k·H_k, H_k·h, H_k·v_{k-1} and last step's scalars "
+                   "(the code recomputes ‖h‖², h·v_{k-1} and forms S_k from the vectors)",),
+}
