@@ -1,4 +1,4 @@
-"""KOALA-V and KOALA-M run the way the authors' ``koala.py`` runs them: the baseline to beat.
+"""KOALA-V, KOALA-M and KOALA++ run the way the authors' code runs them: the baseline to beat.
 
 What makes this "official-style" (and slow on a GPU) is the structure, kept on purpose:
 
@@ -131,5 +131,88 @@ class OfficialStyleKoalaM(_OfficialStyleBase):
             self.P = self.P - self.P @ H @ self.P.T
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+class OfficialStyleKoalaPlusPlus:
+    """KOALA++ run the way the authors' ``koalap.py`` runs it (github.com/Sumxiaa/KOALA_Plus_Plus,
+    ``Task1_Image_Classification/koalap.py``), written here from the paper's recursion:
+
+    * a Python loop over the tensors, a **host-side skip test** per tensor
+      (``grad.norm() < eps`` read on the host), small kernels per tensor;
+    * per tensor the vectors v (the surrogate) and H of its last step and the 0-dim S; every step
+      recomputes ‖h‖² and h·v from the stored vectors and forms S from the new v
+      (``koala_triton`` keeps those scalars from the last step instead);
+    * a tensor's first step starts from h = H, v = σ·H, S0 = h·v + Q·‖h‖² + R;
+    * R: the mean squared loss's EMA (updated before use, from 1) or a fixed r;
+    * ``predict()`` does nothing.
+
+    Param groups may set lr, weight_decay and eps (the authors' code has one global weight decay
+    and eps = 1e-9, and overwrites every group's lr with the constructor's; one group with the
+    constructor's values is exactly that). ``update(loss, loss_var)`` is the authors' API
+    (``loss_var``: the mean of squared per-sample losses); ``step(per_sample_losses)`` forms both.
+    Gradients are read from ``p.grad``. ``bench/test_harness.py`` and ``tests/test_koala_pp_parity.py``
+    check ``koala_triton.KoalaPlusPlus`` against this loop.
+    """
+
+    def __init__(self, params, lr: float = 1.0, *, sigma: float = 0.1, q: float = 0.1, r: float | None = None,
+                 alpha_r: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-9, symmetric: bool = True):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.groups = [{"lr": lr, "weight_decay": weight_decay, "eps": eps, **g, "params": list(g["params"])}
+                       for g in groups]
+        self.sigma, self.q, self.symmetric = sigma, q, symmetric
+        self.alpha_r, self.fixed_r = alpha_r, r
+        first = self.groups[0]["params"][0]
+        self.R = torch.tensor(1.0 if r is None else r, dtype=torch.float64, device=first.device)
+        #: per tensor: {"v", "h", "S", "steps"}: the surrogate and the last H (the parameter's
+        #: shape and dtype; zeros before its first step), the last S (0-dim) and the steps taken
+        self.state: dict = {p: self._fresh(p) for g in self.groups for p in g["params"]}
+
+    @staticmethod
+    def _fresh(p: torch.Tensor) -> dict:
+        return {"v": torch.zeros_like(p), "h": torch.zeros_like(p), "S": None, "steps": 0}
+
+    @torch.no_grad()
+    def predict(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor) -> None:
+        losses = loss.double()
+        self.update(losses.mean(), (losses ** 2).mean())
+
+    @torch.no_grad()
+    def update(self, loss, loss_var) -> None:
+        if self.fixed_r is None:
+            self.R = self.alpha_r * self.R + (1.0 - self.alpha_r) * loss_var
+        R, Q = self.R, self.q
+        for group in self.groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None or p.grad.norm(2) < group["eps"]:  # host read per tensor
+                    continue
+                H = _flat(p.grad) + wd * _flat(p)
+                st = self.state.setdefault(p, self._fresh(p))
+                steps = st["steps"]
+                if steps == 0:
+                    v_prev, h_prev, S_prev = H * self.sigma, H, None
+                else:
+                    v_prev, h_prev, S_prev = _flat(st["v"]), _flat(st["h"]), st["S"]
+                hh, hv = torch.dot(h_prev, h_prev), torch.dot(h_prev, v_prev)
+                if S_prev is None:
+                    S_prev = hv + Q * hh + R
+                Hh, Hv = torch.dot(H, h_prev), torch.dot(H, v_prev)
+                lam = (Hv + Q * Hh) / S_prev
+                alpha = Hh / hh
+                rk = Hv / hh - Hh * hv / (hh ** 2) if self.symmetric else 0.0
+                v = (alpha - lam) * v_prev + Q * (H - lam * h_prev) + rk * h_prev
+                S = torch.dot(v + Q * H, H) + R
+                layer_loss = loss + 0.5 * wd * torch.dot(_flat(p), _flat(p))
+                p.add_((-group["lr"] * layer_loss * (v + Q * H) / S).view(p.shape))
+                self.state[p] = {"v": v.view(p.shape), "h": H.view(p.shape), "S": S, "steps": steps + 1}
+
+
 #: The official-style loop of each KOALA variant, by its id in ``tests/variants.py``.
-OFFICIAL_STYLE = {"V": OfficialStyleKoalaV, "M": OfficialStyleKoalaM}
+OFFICIAL_STYLE = {"V": OfficialStyleKoalaV, "M": OfficialStyleKoalaM, "PP": OfficialStyleKoalaPlusPlus}

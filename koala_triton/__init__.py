@@ -1,6 +1,6 @@
 """koala_triton: KOALA (Kalman Optimization Algorithm with Loss Adaptivity) for PyTorch.
 
-``KoalaV`` and ``KoalaM`` are ``torch.optim.Optimizer`` subclasses with a sync-free PyTorch
+``KoalaV``, ``KoalaM`` and ``KoalaPlusPlus`` are ``torch.optim.Optimizer`` subclasses with a sync-free PyTorch
 path (any device) and fused Triton kernels (CUDA). Importing this package never imports
 triton.
 """
@@ -8,6 +8,7 @@ triton.
 from ._dispatch import triton_available
 from ._version import __version__
 from .koala_m import KoalaM
+from .koala_pp import KoalaPlusPlus
 from .koala_v import KoalaV
 
-__all__ = ["KoalaV", "KoalaM", "triton_available", "__version__"]
+__all__ = ["KoalaV", "KoalaM", "KoalaPlusPlus", "triton_available", "__version__"]

@@ -74,6 +74,15 @@ class Backend(Protocol):
                               velocity_scale: float) -> None:
         """Measurement update fused with the next predict's elementwise part."""
 
+    # KOALA++ (its predict does nothing: no method)
+    def koala_pp_update(self, plan: StepPlan, surrogates: list[Tensor], previous: list[Tensor],
+                        tensors: Tensor, index: Tensor, filt: dict[str, Tensor], loss: LossInput,
+                        state: BackendState, *, sigma: float, q: float, symmetric: bool, r: float | None,
+                        alpha_r: float) -> None:
+        """Measurement update of every tensor of ``plan``, of its filter's row of ``tensors``
+        ([n, 4] float64, ``_kalman_pp``; ``index`` [k] int64 the plan's rows) and of R.
+        ``surrogates`` (v) and ``previous`` (the last H) align with ``plan.params``."""
+
     # both
     def settle(self, filt: dict[str, Tensor], state: BackendState) -> None:
         """Apply deferred scalar filter work now (before anyone reads ``filt``)."""

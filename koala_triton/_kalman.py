@@ -225,7 +225,14 @@ def measure(
     rho = torch.where(informative, noise / s_max, one)
     posterior = covariance.contract(filt, largest=largest, noise=noise, s_max=s_max, rho=rho,
                                     informative=informative)
-    filt.store(**posterior, R=noise, step=filt["step"] + 1,
-               skipped_steps=filt["skipped_steps"] + (~finite).to(COUNT),
-               below_floor_steps=filt["below_floor_steps"] + (finite & (m.loss < 0)).to(COUNT))
+    record(filt, finite=finite, noise=noise, loss=m.loss, **posterior)
     return Gains(coef_x=coef_x, coef_u=coef_u, updated=ok.to(FLOAT))
+
+
+def record(filt: dict[str, Tensor], *, finite: Tensor, noise: Tensor, loss: Tensor, **entries: Tensor) -> None:
+    """Write a measurement's outcome into the filter with one write per vector: ``entries``
+    (the posterior), R, and the counters (``step``; ``skipped_steps`` unless ``finite``;
+    ``below_floor_steps`` if finite and the loss above its floor is negative)."""
+    filt.store(**entries, R=noise, step=filt["step"] + 1,
+               skipped_steps=filt["skipped_steps"] + (~finite).to(COUNT),
+               below_floor_steps=filt["below_floor_steps"] + (finite & (loss < 0)).to(COUNT))

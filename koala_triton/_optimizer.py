@@ -247,6 +247,7 @@ class KoalaOptimizer(Optimizer):
             "filter": {k: v.detach().clone() for k, v in self._filter.items()},
             "hyper": dict(self._hyper),
             **self._predict_state.to_checkpoint(fold=self._fold_mode()),
+            **self._checkpoint_extra(),
         }
         return state
 
@@ -273,6 +274,7 @@ class KoalaOptimizer(Optimizer):
             # copy_ into the existing tensors keeps their dtype (float64) and identity.
             self._filter[key].copy_(value.to(self._filter[key].dtype))
         self._hyper.update(saved_hyper)
+        self._load_checkpoint_extra(koala)
         self._predict_state.load_checkpoint(koala)
         # Deferred work of the backend (a pending predict tail) belonged to the replaced
         # filter; tables and buffers are rebuilt on the next step. The state tensors were
@@ -325,6 +327,14 @@ class KoalaOptimizer(Optimizer):
 
     def _check_checkpoint_mode(self, koala: dict) -> None:
         """Refuse a checkpoint saved in a mode this optimizer cannot continue (before loading)."""
+
+    def _checkpoint_extra(self) -> dict:
+        """Entries of the state dict's ``"koala"`` entry beyond the global filter (float64
+        tensors stored there are never cast to a parameter's dtype)."""
+        return {}
+
+    def _load_checkpoint_extra(self, koala: dict) -> None:
+        """Restore what ``_checkpoint_extra`` saved (``_check_checkpoint_mode`` checked it)."""
 
     def _initial_filter(self) -> dict[str, float]:
         raise NotImplementedError

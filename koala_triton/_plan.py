@@ -36,6 +36,7 @@ class StepLayout:
         lr: cached (lr of every group, [k] lr vector), or None.
         state_lists: cached per-tensor state lists of ``params`` (KOALA-M's velocities and
             averages), or None.
+        index_vector: cached ``indices`` as an int64 device vector, or None.
     """
 
     indices: list[int]
@@ -45,6 +46,7 @@ class StepLayout:
     wd_eps: tuple | None = None
     lr: tuple | None = None
     state_lists: tuple | None = None
+    index_vector: Tensor | None = None
 
 
 @dataclass
@@ -139,6 +141,18 @@ class StepPlanner:
         if layout.state_lists is None:
             layout.state_lists = tuple([state[p][key] for p in plan.params] for key in keys)
         return layout.state_lists
+
+    @classmethod
+    def index_vector(cls, plan: StepPlan, device: torch.device) -> Tensor:
+        """The plan's ``indices`` as a [k] int64 device vector, cached in its layout (uploaded
+        once per layout: pinned source, asynchronous copy)."""
+        layout = plan.layout
+        if layout.index_vector is None:
+            host = torch.tensor(plan.indices, dtype=torch.int64)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            layout.index_vector = host.to(device, non_blocking=True)
+        return layout.index_vector
 
     # ------------------------------------------------------------------ a step
     def plan(self, param_groups: list[dict], device: torch.device) -> StepPlan:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import _kalman
+from . import _kalman, _kalman_pp
 from ._kalman import ISOTROPIC, MOMENTUM
 from ._loss import LossInput
 from ._plan import StepPlan
@@ -40,6 +40,8 @@ class TorchState:
     predict: PredictState
     scratch: dict[int, Tensor] = field(default_factory=dict)
     unscaled: dict[int, Tensor] = field(default_factory=dict)
+    #: KOALA++: the new surrogate v of each tensor, formed in the compute dtype.
+    surrogate: dict[int, Tensor] = field(default_factory=dict)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,6 +163,14 @@ def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: To
     return gains, steps
 
 
+def dot_products(a: list[Tensor], b: list[Tensor], device: torch.device) -> Tensor:
+    """[k] float64 vector of a_i·b_i, each accumulated in a_i's dtype (the compute dtype; b_i is
+    converted to it)."""
+    if not a:
+        return torch.zeros(0, dtype=FLOAT, device=device)
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1).to(x.dtype)) for x, y in zip(a, b)]).to(FLOAT)
+
+
 def _fold_unsupported():
     return NotImplementedError(
         "fold_predict=True folds predict into the Triton update pass: the PyTorch backend has no "
@@ -234,6 +244,39 @@ class TorchBackend:
             if p.dtype != compute_dtype(p.dtype):
                 gap = steps[i].copy_(p).sub_(averages[i])
                 averages[i].addcmul_(gap, weights[i])
+
+    # ------------------------------------------------------------------ KOALA++
+    def koala_pp_update(self, plan: StepPlan, surrogates, previous, tensors, index, filt, loss: LossInput,
+                        state: TorchState, *, sigma, q, symmetric, r, alpha_r) -> None:
+        """KOALA++ measurement update: H = grad + wd·x (compute dtype), the dot products, the
+        per-tensor filters (``_kalman_pp``), then per tensor v ← a·v + b·H + c·h (formed in the
+        compute dtype, rounded once into v), x ← x − step·(v + q·H) and h ← H."""
+        device = filt["R"].device
+        loss_mean, loss_sq_mean = loss.moments()
+        plan = _unscaled(plan, state)
+        buffers = scratch(state, plan.indices, plan.params)
+        directions = _regularised_directions(plan, buffers)
+        base = _measurement(plan, directions, loss_mean, loss_sq_mean, device)
+        H = _sanitised(directions, buffers)  # finite wherever the step runs; zeros replace NaN/inf
+        m = _kalman_pp.PlusPlusMeasurement(**vars(base), h_prev=dot_products(H, previous, device),
+                                           v_prev=dot_products(H, surrogates, device))
+        gains, rows = _kalman_pp.measure_pp(filt, tensors.index_select(0, index), m, sigma=sigma, q=q,
+                                            symmetric=symmetric, r=r, alpha_r=alpha_r)
+        tensors.copy_(tensors.index_copy(0, index, rows))
+        if not H:
+            return
+        v_new = scratch(state, plan.indices, plan.params, store=state.surrogate)
+        torch._foreach_copy_(v_new, surrogates)
+        torch._foreach_mul_(v_new, list(gains.a.unbind()))
+        torch._foreach_addcmul_(v_new, H, list(gains.b.unbind()))
+        torch._foreach_addcmul_(v_new, previous, list(gains.c.unbind()))
+        torch._foreach_copy_(surrogates, v_new)
+        # h ← H where the tensor stepped (the masks are exactly 0 or 1: h·0 + 1·H, h·1 + 0·H)
+        updated = gains.updated.unbind()
+        torch._foreach_mul_(previous, list((1.0 - gains.updated).unbind()))
+        torch._foreach_addcmul_(previous, H, list(updated))
+        torch._foreach_add_(v_new, H, alpha=q)  # the step direction v + q·H
+        torch._foreach_addcmul_(plan.params, v_new, list((-gains.step).unbind()))
 
     def koala_m_predict_deferred(self, params, velocities, averages, filt, state, *, a, qv, position_scale):
         raise _fold_unsupported()

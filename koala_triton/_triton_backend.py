@@ -6,7 +6,8 @@ reference it is tested against. Design, bytes and launch counts: ``kernels/NOTES
 Launches per iteration, independent of the number of tensors (one more norms and one more
 update launch per extra parameter dtype), and no other device work: KOALA-V update 3 (norms,
 filter, update) and predict 0 (deferred: the filter kernel adds q once per predict); KOALA-M
-predict 1 + update 3; KOALA-M with the fold, update 3 and predict 0. The loss moments are taken
+predict 1 + update 3; KOALA-M with the fold, update 3 and predict 0; KOALA++ update 3 and
+predict 0 (it has none). The loss moments are taken
 inside the filter kernel. Nothing here reads a device value on the host.
 
 Deferred scalar work (counted in ``PredictState.deferred``):
@@ -122,15 +123,15 @@ def _buffer(state: TritonState, name: str, numel: int, dtype: torch.dtype, devic
 
 
 def _const(state: TritonState, device: torch.device, *, alpha_r: float, a: float, qv: float,
-           floor: float = 0.0) -> Tensor:
-    """[10] float64 hyper-parameter vector (layout: ``kernels/kalman.py``), uploaded once per
+           floor: float = 0.0, sigma: float = 0.0, q: float = 0.0) -> Tensor:
+    """[12] float64 hyper-parameter vector (layout: ``kernels/kalman.py``), uploaded once per
     value set."""
-    key = ("const", alpha_r, a, qv, floor)
+    key = ("const", alpha_r, a, qv, floor, sigma, q)
     vec = state.constants.get(key)
     if vec is None:
         beta = _kalman.QX_BETA
         host = torch.tensor([alpha_r, 1.0 - alpha_r, a, a * a, qv, beta, 1.0 - beta,
-                             floor, 2.0 * floor, floor * floor], dtype=FLOAT)
+                             floor, 2.0 * floor, floor * floor, sigma, q], dtype=FLOAT)
         if device.type == "cuda":
             host = host.pin_memory()
             state.constants[("const_host",) + key[1:]] = host  # source of an asynchronous copy: keep it
@@ -153,7 +154,31 @@ def _no_slots(state: TritonState, device: torch.device) -> Tensor:
     return state.no_slots
 
 
-def _filter_args(filt: dict[str, Tensor], covariance) -> dict:
+@dataclass
+class PlusPlusArgs:
+    """KOALA++'s part of a measurement: the per-tensor filters and settings.
+
+    Attributes:
+        tensors: [n, 4] float64, every tensor's filter row (``_kalman_pp``).
+        index: [k] int64, the row of each of the step's tensors.
+    """
+
+    tensors: Tensor
+    index: Tensor
+    sigma: float
+    q: float
+    symmetric: bool
+
+    @staticmethod
+    def columns(pp: PlusPlusArgs | None) -> tuple[int, int]:
+        """(partial sums per chunk and tensor, gains per tensor): (3, 3) for KOALA, (5, 6) here."""
+        return (3, 3) if pp is None else (5, 6)
+
+
+def _filter_args(filt: dict[str, Tensor], covariance, pp: PlusPlusArgs | None) -> dict:
+    if pp is not None:  # KOALA++: no global covariance (stand-ins, never written)
+        r = filt["R"]
+        return dict(p_pxx=r, p_pxu=r, p_puu=r, p_qx=r)
     if covariance.velocity:
         return dict(p_pxx=filt["Pxx"], p_pxu=filt["Pxu"], p_puu=filt["Puu"], p_qx=filt["qx"])
     p = filt["p"]
@@ -173,8 +198,10 @@ def _loss_args(loss: LossInput) -> dict:
 
 
 def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, table=None, partials=None,
-                   coef=None, loss: LossInput | None = None, r=None, alpha_r=0.9) -> None:
-    """The filter kernel: the deferred predict work, then (with ``loss``) the measurement."""
+                   coef=None, loss: LossInput | None = None, r=None, alpha_r=0.9,
+                   pp: PlusPlusArgs | None = None) -> None:
+    """The filter kernel: the deferred predict work, then (with ``loss``) the measurement
+    (KOALA++'s with ``pp``)."""
     measure = loss is not None
     tail = state.tail if covariance.velocity else None
     deferred = state.predict.take_deferred()
@@ -184,7 +211,9 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
     else:  # KOALA-V: p̂ = p + q + … + q, once per deferred predict
         a, qv = 0.0, state.v_q
         v_predicts = deferred
-    const = _const(state, device, alpha_r=alpha_r, a=a, qv=qv, floor=loss.floor if measure else 0.0)
+    const = _const(state, device, alpha_r=alpha_r, a=a, qv=qv, floor=loss.floor if measure else 0.0,
+                   sigma=pp.sigma if pp else 0.0, q=pp.q if pp else 0.0)
+    n_part, _ = PlusPlusArgs.columns(pp)
     pending = _pending(state, device)
     dummy = filt["R"]
     found_inf = plan.found_inf if measure else None
@@ -194,45 +223,57 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         p_loss=dummy, p_loss_sq=dummy, n_loss=1, loss_stride=1, LOSS_VEC=False)
     launch(
         filter_kernel, (1,), device,
-        **_filter_args(filt, covariance),
+        **_filter_args(filt, covariance, pp),
         p_r=filt["R"], p_step=filt["step"], p_skipped=filt["skipped_steps"],
         p_below=filt["below_floor_steps"], p_found_inf=found_inf if found_inf is not None else dummy,
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
         p_slot_chunks=table.slot_chunks if k else _no_slots(state, device),
         p_partials=partials if measure else dummy,
-        p_sums=_buffer(state, "sums", 3 * k, FLOAT, device) if k else dummy,
+        p_sums=_buffer(state, "sums", n_part * k, FLOAT, device) if k else dummy,
         p_coef=coef if measure else dummy,
         p_pending=pending,
         p_dist=tail.dist if tail is not None else dummy,
         p_const=const,
+        p_tensors=pp.tensors if pp else dummy,
+        p_index=pp.index if pp and k else _no_slots(state, device),
         n_slots=k,
         n_dist=tail.n_dist if tail is not None else 0,
         numel_total=max(tail.numel, 1) if tail is not None else 1,
         v_predicts=v_predicts,
         MOMENTUM=covariance.velocity, ADAPTIVE=measure and r is None, MEASURE=measure,
         TAIL=tail is not None, V_PREDICT=v_predicts > 0, FOUND_INF=found_inf is not None,
+        PLUSPLUS=pp is not None, SYMMETRIC=bool(pp and pp.symmetric),
         BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
     )
 
 
 def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, device, covariance, *,
-             loss: LossInput, r, alpha_r) -> Tensor:
-    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3]."""
+             loss: LossInput, r, alpha_r, pp: PlusPlusArgs | None = None) -> Tensor:
+    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3]
+    ([k, 6] for KOALA++)."""
     blocks = blocks_for(device)
     k = len(plan.params)
-    partials = _buffer(state, "partials", 3 * table.n_chunks, FLOAT, device)
-    coef = _buffer(state, "coef", 3 * k, FLOAT, device)
+    n_part, n_coef = PlusPlusArgs.columns(pp)
+    partials = _buffer(state, "partials", n_part * table.n_chunks, FLOAT, device)
+    coef = _buffer(state, "coef", n_coef * k, FLOAT, device)
     for group, dt, ct in _launch_groups(table):
         launch(
             norms_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
             **_scale_args(plan, partials), chunk_base=group.chunk_base,
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, PLUSPLUS=pp is not None,
+            num_warps=_norms_warps(blocks, dt, pp),
         )
     _launch_filter(filt, state, device, covariance, plan=plan, table=table, partials=partials, coef=coef,
-                   loss=loss, r=r, alpha_r=alpha_r)
+                   loss=loss, r=r, alpha_r=alpha_r, pp=pp)
     return coef
+
+
+def _norms_warps(blocks, dt, pp: PlusPlusArgs | None) -> int:
+    """Warps of a norms launch: KOALA++'s five float64 accumulators per element of a float64
+    tile need twice the threads to stay within 128 registers per thread (168 with 4 warps)."""
+    return blocks.num_warps * 2 if pp is not None and dt == tl.float64 else blocks.num_warps
 
 
 def _scale_args(plan: StepPlan, stand_in: Tensor) -> dict:
@@ -243,7 +284,7 @@ def _scale_args(plan: StepPlan, stand_in: Tensor) -> dict:
 
 
 def _launch_update(table, plan: StepPlan, plan_wd, coef, device, *, momentum, raw_step=False, fold=False,
-                   u_scale=1.0, dist=None, pending=None) -> None:
+                   u_scale=1.0, dist=None, pending=None, plusplus=False) -> None:
     blocks = blocks_for(device)
     for group, dt, ct in _launch_groups(table):
         common = dict(
@@ -254,7 +295,8 @@ def _launch_update(table, plan: StepPlan, plan_wd, coef, device, *, momentum, ra
         if fold:
             launch(fold_kernel, (group.n_chunks,), device, p_dist=dist, p_pending=pending, **common)
         else:
-            launch(update_kernel, (group.n_chunks,), device, MOMENTUM=momentum, RAW_STEP=raw_step, **common)
+            launch(update_kernel, (group.n_chunks,), device, MOMENTUM=momentum, RAW_STEP=raw_step,
+                   PLUSPLUS=plusplus, **common)
 
 
 #: xavg's EMA weight 1 − 0.9 in each parameter dtype's arithmetic dtype, as the PyTorch path
@@ -367,6 +409,21 @@ class TritonBackend:
         prepared.stage_in(arrays)
         coef = _measure(plan, table, filt, state, device, MOMENTUM, loss=loss, r=r, alpha_r=alpha_r)
         _launch_update(table, plan, plan.weight_decay, coef, device, momentum=True)
+        prepared.stage_back(arrays)
+
+    # ------------------------------------------------------------------ KOALA++
+    def koala_pp_update(self, plan: StepPlan, surrogates, previous, tensors, index, filt, loss: LossInput,
+                        state: TritonState, *, sigma, q, symmetric, r, alpha_r) -> None:
+        """KOALA++ measurement update: norms (with g̃·h and g̃·v), filter (R, every tensor's
+        filter row, the gains), update (v, x, h): 3 launches."""
+        device = state.device
+        arrays = {"x": plan.params, "g": plan.grads, "u": surrogates, "a": previous}
+        prepared = _measured_tables(state, "pp", plan, arrays, ("x", "u", "a"), device)
+        table, = prepared.tables
+        prepared.stage_in(arrays)
+        pp = PlusPlusArgs(tensors=tensors, index=index, sigma=float(sigma), q=float(q), symmetric=bool(symmetric))
+        coef = _measure(plan, table, filt, state, device, ISOTROPIC, loss=loss, r=r, alpha_r=alpha_r, pp=pp)
+        _launch_update(table, plan, plan.weight_decay, coef, device, momentum=False, plusplus=True)
         prepared.stage_back(arrays)
 
     # ------------------------------------------------------------------ KOALA-M, fold mode (opt-in)

@@ -278,7 +278,7 @@ def _recursion(kind: str, exact: SimpleNamespace) -> SimpleNamespace:
     general = recursion_vector(m.h, m.v, m.Hk).subs(exact.dots)
     combo = sum(((coef[k].subs(exact.dots)) * vec for k, vec in (("v", m.v), ("H", m.Hk), ("h", m.h))),
                 sp.zeros(N, 1))
-    checks.append(Check(f"PP.{kind}-recursion-general", "the read-off holds in general coordinates",
+    checks.append(Check(f"PP.{kind}-recursion-general", "the read-off is valid in general coordinates",
                         vanishes(general - combo)))
     alpha = s.Hh / s.hh
     r = s.Hv / s.hh - s.Hh * s.hv / s.hh**2 if kind == "symmetric" else sp.Integer(0)

@@ -1,4 +1,4 @@
-"""A plain float64 for-loop implementation of ../shared/KOALA.md, written independently of
+"""A plain float64 for-loop implementation of KOALA (KOALA-V, KOALA-M), written independently of
 ``koala_triton`` (no shared code), as the ground truth of the PyTorch-path tests.
 
 ``variant`` is a ``tests.variants.VariantInfo`` or its id (``"V"``, ``"M"``); the loop has the
@@ -139,3 +139,69 @@ class ReferenceKoala:
                       [pux - h * pux * pxx, puu - h * pux * pxu]]
         else:
             self.p = self.p - self.p ** 2 * h
+
+
+class ReferencePlusPlus:
+    """KOALA++'s reference: the authors'-style loop of ``bench/official_style.py`` (written from the
+    paper, checked against the authors' ``koalap.py``; it shares no code with ``koala_triton``) on
+    float64 copies, with ``ReferenceKoala``'s interface. The loop recomputes ‖h‖² and h·v from
+    the stored vectors every step and forms S from them, where ``koala_triton`` keeps the last
+    step's scalars; the package's non-finite skip is modelled here (the authors' code has none).
+    """
+
+    def __init__(self, groups, *, variant, sigma=0.1, q=0.1, r=None, alpha_r=0.9, symmetric=True):
+        from bench.official_style import OfficialStyleKoalaPlusPlus
+
+        self.variant = variant
+        self.loop = OfficialStyleKoalaPlusPlus(
+            [dict(g, params=[p.detach().clone().double() for p in g["params"]]) for g in groups],
+            sigma=sigma, q=q, r=r, alpha_r=alpha_r, symmetric=symmetric)
+        self.groups = self.loop.groups
+        self.r_fixed = r
+        self.skipped = 0
+
+    def params(self):
+        return [p for g in self.groups for p in g["params"]]
+
+    def add_group(self, group) -> None:
+        self.groups.append(dict(group, params=[p.detach().clone().double() for p in group["params"]]))
+
+    def filter_values(self) -> dict[str, float]:
+        return {"R": float(self.loop.R)}
+
+    def load_filter(self, values) -> None:
+        self.loop.R = torch.tensor(float(values["R"]), dtype=torch.float64)
+
+    def state(self, key) -> list:
+        """``"v"`` or ``"h"`` of every parameter (zeros before its first step), flat order."""
+        return [self.loop.state.setdefault(p, self.loop._fresh(p))[key] for p in self.params()]
+
+    def tensor_values(self) -> dict[str, list[float]]:
+        """The per-tensor scalars under ``KoalaPlusPlus.tensor_filters``' names, from the loop's
+        vectors (‖h‖², h·v recomputed, as the loop does)."""
+        out = {"S": [], "hh": [], "hv": [], "updates": []}
+        for p in self.params():
+            st = self.loop.state.setdefault(p, self.loop._fresh(p))
+            h, v = st["h"].reshape(-1), st["v"].reshape(-1)
+            out["S"].append(0.0 if st["S"] is None else float(st["S"]))
+            out["hh"].append(float(torch.dot(h, h)))
+            out["hv"].append(float(torch.dot(h, v)))
+            out["updates"].append(float(st["steps"]))
+        return out
+
+    def predict(self):
+        self.loop.predict()
+
+    def update(self, loss: float, loss_sq_mean: float | None, grads):
+        """grads: flat list aligned with params() (None = no gradient)."""
+        grads = [None if g is None else g.double() for g in grads]
+        finite = math.isfinite(loss) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+        if self.r_fixed is None:
+            finite = finite and math.isfinite(loss_sq_mean)
+        if not finite:
+            self.skipped += 1
+            return
+        for p, g in zip(self.params(), grads):
+            p.grad = None if g is None else g.clone()
+        var = None if loss_sq_mean is None else torch.tensor(loss_sq_mean, dtype=torch.float64)
+        self.loop.update(torch.tensor(loss, dtype=torch.float64), var)

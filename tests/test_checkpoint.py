@@ -61,6 +61,9 @@ def test_checkpoint_resumes_bit_for_bit(variant, dtype):
     for p, q in zip(params, resumed):
         for k in opt.state[p]:
             assert torch.equal(opt.state[p][k], opt2.state[q][k])
+    for k in variant.tensor_keys:  # KOALA++'s per-tensor filters: float64, exactly
+        assert opt2.tensor_filters[k].dtype == torch.float64
+        assert torch.equal(opt2.tensor_filters[k], opt.tensor_filters[k]), k
 
 
 def test_filter_keeps_float64_precision_with_bfloat16_params():

@@ -88,9 +88,9 @@ def test_pytorch_path_matches_reference_while_groups_and_grads_change(variant):
         losses = torch.rand(8, generator=gen, dtype=torch.float64) * 2
         opt.step(loss=losses)
         ref.update(float(losses.mean()), float((losses ** 2).mean()), grads)
-        # the weights, the first state array (the velocity) and the weights' variance
+        # the weights, the first state array (the velocity; KOALA++'s v) and the weights' variance
         assert_matches_reference(opt, params, ref, f"step {step}", state_keys=variant.state_keys[:1],
-                                 filter_keys=(variant.weight_variance_key,))
+                                 filter_keys=variant.covariance_keys[:1])
     # the events really changed the trajectory's inputs: the eps change skipped tensors
     assert len(opt.param_groups) == 3
 

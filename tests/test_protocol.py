@@ -131,7 +131,8 @@ def test_missing_or_malformed_loss_is_a_clear_error_and_changes_nothing(variant)
     predicted = {k: v.clone() for k, v in opt.filter_state.items()}
     opt.step(loss=torch.rand(3))
     cov = variant.weight_variance_key
-    assert float(opt.filter_state[cov]) <= float(predicted[cov])
+    if cov is not None:  # a global covariance (KOALA++'s filters are per tensor)
+        assert float(opt.filter_state[cov]) <= float(predicted[cov])
     assert int(opt.filter_state["step"]) == 1
 
 
@@ -317,9 +318,10 @@ def test_frozen_zero_dim_empty_and_noncontiguous_params_work(variant):
 
 
 def test_training_reduces_the_loss():
-    """Both variants fit a small regression (a smoke check of the whole loop)."""
+    """KOALA-V and KOALA-M fit a small regression (a smoke check of the whole loop; KOALA++'s
+    is in test_koala_pp.py)."""
     x, y = _data()
-    for variant in VARIANTS.values():
+    for variant in (v for v in VARIANTS.values() if v.global_covariance):
         cls = variant.cls
         model = _model()
         opt = cls(model.parameters())

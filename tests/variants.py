@@ -8,7 +8,7 @@ of Triton launches one iteration makes by design (kernels/NOTES.md).
 
 Every variant table of tests/ and bench/ is built from the registry: ``variant_params`` (one
 ``pytest.param`` per variant, id ``"V"``), ``case_params`` (one per variant and mode, ids
-``"V"``, ``"V-fixed-r"``, ``"M"``, ``"M-fold"``). A new variant is one entry here plus its
+``"V"``, ``"V-fixed-r"``, ``"M"``, ``"M-fold"``, ``"PP"``, ``"PP-plain"``). A new variant is one entry here plus its
 mathematics (the optimizer, the oracle, the reference loop and the error model).
 
 Importing this module imports ``koala_triton`` but not ``oracle`` (SymPy): ``VariantInfo.oracle``
@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping
 
 import pytest
 
-from koala_triton import KoalaM, KoalaV
+from koala_triton import KoalaM, KoalaPlusPlus, KoalaV
 
 DEFAULT = "default"
 
@@ -121,6 +121,9 @@ class VariantInfo:
             covariance with that variance for the weights (and, with velocities, for them too,
             with that correlation between the two).
         noise_kwargs: ``noise_kwargs(q)``: the kwargs of process noise q on every state.
+        reference_name: the class in ``tests/reference.py`` of its float64 reference loop.
+        tensor_keys: the per-tensor float64 filter entries (``opt.tensor_filters``), if the
+            variant keeps one filter per tensor (KOALA++) instead of a global covariance.
     """
 
     id: str
@@ -134,6 +137,8 @@ class VariantInfo:
     modes: tuple[Mode, ...]
     prior_kwargs: Callable[..., dict]
     noise_kwargs: Callable[[float], dict]
+    reference_name: str = "ReferenceKoala"
+    tensor_keys: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"VARIANTS[{self.id!r}]"
@@ -145,9 +150,9 @@ class VariantInfo:
 
     def reference(self, groups, **hyper):
         """The plain float64 for-loop reference (tests/reference.py) of this variant."""
-        from tests.reference import ReferenceKoala
+        from tests import reference
 
-        return ReferenceKoala(groups, variant=self, **hyper)
+        return getattr(reference, self.reference_name)(groups, variant=self, **hyper)
 
     @property
     def has_velocity(self) -> bool:
@@ -155,9 +160,15 @@ class VariantInfo:
         return "velocity" in self.state_keys
 
     @property
-    def weight_variance_key(self) -> str:
-        """The filter entry of the weights' (prior) variance: ``p`` or ``Pxx``."""
-        return self.covariance_keys[0]
+    def weight_variance_key(self) -> str | None:
+        """The filter entry of the weights' (prior) variance: ``p`` or ``Pxx``; None for a
+        variant without a global covariance (KOALA++)."""
+        return self.covariance_keys[0] if self.covariance_keys else None
+
+    @property
+    def global_covariance(self) -> bool:
+        """One covariance shared by all tensors (KOALA-V, KOALA-M), in ``filter_state``."""
+        return bool(self.covariance_keys)
 
     @property
     def mode_names(self) -> tuple[str, ...]:
@@ -214,6 +225,23 @@ VARIANTS: dict[str, VariantInfo] = {info.id: info for info in [
         prior_kwargs=_momentum_prior,
         noise_kwargs=lambda q: {"qw": q, "qv": q},
     ),
+    VariantInfo(
+        id="PP",
+        cls=KoalaPlusPlus,
+        oracle_name="KoalaPlusPlusOracle",
+        state_keys=("v", "h"),
+        covariance_keys=(),
+        filter_keys=("R",),
+        scenario_hyper=_frozen({"sigma": 0.2, "q": 0.15, "alpha_r": 0.8}),
+        # the authors' other estimate (r = 0)
+        extra_scenarios=_frozen({"plain": _frozen({"symmetric": False})}),
+        # norms, filter, update (predict does nothing)
+        modes=(Mode(DEFAULT, _frozen(), 3), Mode("plain", _frozen({"symmetric": False}), 3)),
+        prior_kwargs=_isotropic_prior,
+        noise_kwargs=lambda q: {"q": q},
+        reference_name="ReferencePlusPlus",
+        tensor_keys=("S", "hh", "hv", "updates"),
+    ),
 ]}
 
 
@@ -242,9 +270,9 @@ def cases(modes: Iterable[str] | None = None, where: Callable[[Case], bool] | No
             if (wanted is None or c.mode.name in wanted) and (where is None or where(c))]
 
 
-def variant_params() -> list:
-    """One ``pytest.param(VariantInfo)`` per variant, id ``info.id``."""
-    return [pytest.param(info, id=info.id) for info in VARIANTS.values()]
+def variant_params(where: Callable[[VariantInfo], bool] | None = None) -> list:
+    """One ``pytest.param(VariantInfo)`` per variant (those ``where`` accepts), id ``info.id``."""
+    return [pytest.param(info, id=info.id) for info in VARIANTS.values() if where is None or where(info)]
 
 
 def class_params() -> list:

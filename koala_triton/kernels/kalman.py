@@ -17,7 +17,13 @@ same float64 expressions in the same order), from the per-chunk partial sums of 
 
 ``p_const`` is a float64 device vector of the hyper-parameters (Python floats passed as kernel
 arguments would be rounded to float32): [alpha_r, 1 − alpha_r, a, a·a, qv, 0.9, 1 − 0.9, f, 2f,
-f²]; for KOALA-V the qv slot holds q.
+f², σ, Q]; for KOALA-V the qv slot holds q; σ and Q are KOALA++'s.
+
+KOALA++ (``PLUSPLUS``): no global covariance; partials and sums have 5 columns (‖g‖², ‖g̃‖²,
+‖x‖², g̃·h, g̃·v), and per tensor the filter evaluates ``koala_triton._kalman_pp.measure_pp``
+(the same float64 expressions in the same order) from the tensor's stored row of
+``p_tensors`` [n, 4] (S, ‖h‖², h·v, updates; row ``p_index[slot]``), writes the gains
+[k, 6] (a, b, c, step, Q, updated) and the new rows.
 
 The loss arrives as given (``LOSS_VEC``: the per-sample vector [n_loss], stride
 ``loss_stride``, any float dtype, reduced here to its float64 mean and mean of squares; else
@@ -45,23 +51,30 @@ C_ONE_MINUS_BETA = constant(6)
 C_FLOOR = constant(7)
 C_TWO_FLOOR = constant(8)
 C_FLOOR_SQ = constant(9)
+C_SIGMA = constant(10)
+C_Q = constant(11)
 
 
 @triton_kernel
 def filter_kernel(
     p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped, p_below, p_found_inf,
     p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_sums, p_coef,
-    p_pending, p_dist, p_const,
+    p_pending, p_dist, p_const, p_tensors, p_index,
     n_slots, n_dist, numel_total, n_loss, loss_stride, v_predicts,
     MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
     LOSS_VEC: tl.constexpr, V_PREDICT: tl.constexpr, FOUND_INF: tl.constexpr,
+    PLUSPLUS: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_T: tl.constexpr, SUM_C: tl.constexpr,
 ):
     """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused.
 
     ``p_sums`` [k, 3] float64 scratch: each tensor's ‖g‖², ‖g̃‖², ‖x‖² (its chunk partials
-    summed), written and read back within this program.
+    summed), written and read back within this program ([k, 5] for KOALA++).
     """
+    if PLUSPLUS:
+        NPART: tl.constexpr = 5
+    else:
+        NPART: tl.constexpr = 3
     o_t = tl.arange(0, BLOCK_T)
     o_f = tl.arange(0, BLOCK_T * BLOCK_C)  # flat sweeps (loss vector, distance partials)
     zero = tl.full([], 0.0, dtype=tl.float64)
@@ -143,20 +156,29 @@ def filter_kernel(
             a_gg = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
             a_dd = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
             a_xx = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
+            if PLUSPLUS:
+                a_hh = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
+                a_hv = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
             for c0 in range(0, tl.reduce(c_count, 0, MAX), SUM_C):
                 o_c = c0 + o_sc
                 m_c = o_c[None, :] < c_count[:, None]
-                p_c3 = p_partials + 3 * (c_first[:, None] + o_c[None, :])
+                p_c3 = p_partials + NPART * (c_first[:, None] + o_c[None, :])
                 a_gg += tl.load(p_c3, mask=m_c, other=0.0)
                 a_dd += tl.load(p_c3 + 1, mask=m_c, other=0.0)
                 a_xx += tl.load(p_c3 + 2, mask=m_c, other=0.0)
+                if PLUSPLUS:
+                    a_hh += tl.load(p_c3 + 3, mask=m_c, other=0.0)
+                    a_hv += tl.load(p_c3 + 4, mask=m_c, other=0.0)
             b_gg = tl.reduce(a_gg, 1, SUM)
             b_dd = tl.reduce(a_dd, 1, SUM)
             b_xx = tl.reduce(a_xx, 1, SUM)
-            p_s3 = p_sums + 3 * o_s
+            p_s3 = p_sums + NPART * o_s
             tl.store(p_s3, b_gg, mask=m_s)
             tl.store(p_s3 + 1, b_dd, mask=m_s)
             tl.store(p_s3 + 2, b_xx, mask=m_s)
+            if PLUSPLUS:
+                tl.store(p_s3 + 3, tl.reduce(a_hh, 1, SUM), mask=m_s)
+                tl.store(p_s3 + 4, tl.reduce(a_hv, 1, SUM), mask=m_s)
             # Every gradient norm finite <=> the sum of all of them is (they are >= 0).
             total += tl.reduce(b_gg + b_dd, 0, SUM)
         # the sums are read below by other threads of this program
@@ -174,33 +196,93 @@ def filter_kernel(
         else:
             noise = b_r
 
+        if PLUSPLUS:
+            sigma = tl.load(p_const + C_SIGMA)
+            q = tl.load(p_const + C_Q)
+            for t0 in range(0, n_slots, BLOCK_T):
+                o_s = t0 + o_t
+                m_s = o_s < n_slots
+                p_s5 = p_sums + 5 * o_s
+                b_gg = tl.load(p_s5, mask=m_s, other=0.0)
+                b_dd = tl.load(p_s5 + 1, mask=m_s, other=0.0)
+                b_xx = tl.load(p_s5 + 2, mask=m_s, other=0.0)
+                b_hp = tl.load(p_s5 + 3, mask=m_s, other=0.0)
+                b_vp = tl.load(p_s5 + 4, mask=m_s, other=0.0)
+                b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
+                b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
+                b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
+                p_r4 = p_tensors + 4 * tl.load(p_index + o_s, mask=m_s, other=0)
+                r_S = tl.load(p_r4, mask=m_s, other=0.0)
+                r_hh = tl.load(p_r4 + 1, mask=m_s, other=0.0)
+                r_hv = tl.load(p_r4 + 2, mask=m_s, other=0.0)
+                r_up = tl.load(p_r4 + 3, mask=m_s, other=0.0)
+                ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
+                # _kalman_pp.measure_pp, expression for expression
+                HH = tl.where(ok, b_dd, 1.0)
+                first = r_up == 0
+                sHH = sigma * HH
+                hh = tl.where(first, HH, r_hh)
+                Hh = tl.where(first, HH, b_hp)
+                Hv = tl.where(first, sHH, b_vp)
+                hv = tl.where(first, sHH, r_hv)
+                S0 = tl.where(first, (sHH + q * HH) + noise, r_S)
+                hh = tl.where(ok, hh, 1.0)
+                S0 = tl.where(ok, S0, 1.0)
+                Hh = tl.where(ok, Hh, 0.0)
+                Hv = tl.where(ok, Hv, 0.0)
+                hv = tl.where(ok, hv, 0.0)
+                lam = (Hv + q * Hh) / S0
+                alpha = Hh / hh
+                ca = alpha - lam
+                cc = -q * lam
+                if SYMMETRIC:
+                    cc = (Hv / hh - (Hh * hv) / (hh * hh)) + cc
+                vH = (ca * Hv + q * HH) + cc * Hh
+                S = (vH + q * HH) + noise
+                reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
+                step = b_lr * reg_loss / S
+                cb = tl.where(first, (ca * sigma + q) + cc, q)
+                ca = tl.where(first, 0.0, ca)
+                cc = tl.where(first, 0.0, cc)
+                p_c = p_coef + 6 * o_s
+                tl.store(p_c, tl.where(ok, ca, 1.0), mask=m_s)
+                tl.store(p_c + 1, tl.where(ok, cb, 0.0), mask=m_s)
+                tl.store(p_c + 2, tl.where(ok, cc, 0.0), mask=m_s)
+                tl.store(p_c + 3, tl.where(ok, step, 0.0), mask=m_s)
+                tl.store(p_c + 4, zero + q, mask=m_s)
+                tl.store(p_c + 5, ok.to(tl.float64), mask=m_s)
+                tl.store(p_r4, tl.where(ok, S, r_S), mask=m_s)
+                tl.store(p_r4 + 1, tl.where(ok, HH, r_hh), mask=m_s)
+                tl.store(p_r4 + 2, tl.where(ok, vH, r_hv), mask=m_s)
+                tl.store(p_r4 + 3, tl.where(ok, r_up + 1.0, r_up), mask=m_s)
         largest = zero
-        for t0 in range(0, n_slots, BLOCK_T):
-            o_s = t0 + o_t
-            m_s = o_s < n_slots
-            p_s3 = p_sums + 3 * o_s
-            b_gg = tl.load(p_s3, mask=m_s, other=0.0)
-            b_dd = tl.load(p_s3 + 1, mask=m_s, other=0.0)
-            b_xx = tl.load(p_s3 + 2, mask=m_s, other=0.0)
-            b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
-            b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
-            b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
-            ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
-            g_sq = tl.where(ok, b_dd, 0.0)
-            reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
-            reg_loss = tl.where(ok, reg_loss, 0.0)
-            scale = b_lr * reg_loss / tl.where(ok, b_pxx * g_sq + noise, 1.0)
-            p_c = p_coef + 3 * o_s
-            tl.store(p_c, scale * b_pxx, mask=m_s)
-            tl.store(p_c + 1, scale * b_pxu, mask=m_s)
-            tl.store(p_c + 2, ok.to(tl.float64), mask=m_s)
-            largest = tl.maximum(largest, tl.reduce(g_sq, 0, MAX))
+        if not PLUSPLUS:  # KOALA's gains and the largest ‖g̃‖² of the updated tensors
+            for t0 in range(0, n_slots, BLOCK_T):
+                o_s = t0 + o_t
+                m_s = o_s < n_slots
+                p_s3 = p_sums + 3 * o_s
+                b_gg = tl.load(p_s3, mask=m_s, other=0.0)
+                b_dd = tl.load(p_s3 + 1, mask=m_s, other=0.0)
+                b_xx = tl.load(p_s3 + 2, mask=m_s, other=0.0)
+                b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
+                b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
+                b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
+                ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
+                g_sq = tl.where(ok, b_dd, 0.0)
+                reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
+                reg_loss = tl.where(ok, reg_loss, 0.0)
+                scale = b_lr * reg_loss / tl.where(ok, b_pxx * g_sq + noise, 1.0)
+                p_c = p_coef + 3 * o_s
+                tl.store(p_c, scale * b_pxx, mask=m_s)
+                tl.store(p_c + 1, scale * b_pxu, mask=m_s)
+                tl.store(p_c + 2, ok.to(tl.float64), mask=m_s)
+                largest = tl.maximum(largest, tl.reduce(g_sq, 0, MAX))
 
         s_max = b_pxx * largest + noise
         informative = s_max > 0
         s_max = tl.where(informative, s_max, 1.0)
         rho = tl.where(informative, noise / s_max, 1.0)
-        if MOMENTUM:
+        if MOMENTUM and not PLUSPLUS:
             det = b_pxx * b_puu - b_pxu * b_pxu
             # nothing measured (G = 0) leaves P̂uu bit for bit (R·P̂uu/R can round), as _kalman does
             measured = informative & (largest > 0)
@@ -212,7 +294,8 @@ def filter_kernel(
         tl.store(p_skipped, tl.load(p_skipped) + tl.where(finite, 0, 1).to(tl.int64))
         tl.store(p_below, tl.load(p_below) + tl.where(finite & (loss < 0), 1, 0).to(tl.int64))
 
-    tl.store(p_pxx, b_pxx)
-    if MOMENTUM:
-        tl.store(p_pxu, b_pxu)
-        tl.store(p_puu, b_puu)
+    if not PLUSPLUS:  # KOALA++ has no global covariance (p_pxx.. are stand-ins)
+        tl.store(p_pxx, b_pxx)
+        if MOMENTUM:
+            tl.store(p_pxu, b_pxu)
+            tl.store(p_puu, b_puu)

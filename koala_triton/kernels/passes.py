@@ -12,6 +12,9 @@ Passes and bytes per fp32 parameter (each array read or written once):
 - ``update_kernel`` (the measurement update): x ← x − c_x·d (d = g̃, or g for KOALA-V's
   ``raw_grad_step``); KOALA-M also u ← s·u − c_u·g̃ and xavg ← xavg + 0.1·(x − xavg). Tensors the
   filter skipped are not touched. KOALA-V 12 B; KOALA-M 28 B.
+- KOALA++ (``PLUSPLUS``): the norms pass adds g̃·h and g̃·v (reads g, x with wd, v, h: 12 B, 16 B
+  with wd), the update forms v⁺ = a·v + b·g̃ + c·h and steps x along v⁺ + q·g̃ (reads x, g, v,
+  h; writes x, v, h: 28 B). 40 B per step, 44 B with weight decay.
 - ``fold_kernel`` (KOALA-M, opt-in fold mode): the same update, then the next predict's
   elementwise part in registers (x ← x + u) and the partial sums of ‖xavg − x‖² the next
   predict needs; 28 B, and the predict pass disappears.
@@ -55,11 +58,13 @@ def norms_kernel(
     p_chunks, p_rows, p_wd, p_partials, p_scale,
     chunk_base,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNSCALE: tl.constexpr,
+    PLUSPLUS: tl.constexpr,
 ):
     """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64).
 
     ``p_wd`` [k] float64: weight decay by slot; where it is 0 the ‖g̃‖² slot repeats ‖g‖² and
-    x is not read.
+    x is not read. ``PLUSPLUS`` (KOALA++): rows of 5, adding g̃·h and g̃·v (h, v: the row's
+    ``COL_A`` and ``COL_U`` arrays, the previous H and the surrogate) in columns 3 and 4.
     """
     i_c = tl.program_id(0).to(tl.int64)
     p_ch = p_chunks + 2 * i_c
@@ -75,6 +80,11 @@ def norms_kernel(
     decayed = b_wd64 != 0
     if UNSCALE:
         b_inv = 1.0 / tl.load(p_scale).to(CT)
+    if PLUSPLUS:
+        p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
+        p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
+        b_hh = tl.full([BLOCK], 0.0, dtype=CT)
+        b_hv = tl.full([BLOCK], 0.0, dtype=CT)
 
     b_gg = tl.full([BLOCK], 0.0, dtype=CT)
     b_dd = tl.full([BLOCK], 0.0, dtype=CT)
@@ -103,15 +113,24 @@ def norms_kernel(
             if UNSCALE:
                 b_g = b_g * b_inv
             b_gg += b_g * b_g
+            b_d = b_g
             if decayed:
                 b_x = tl.load(p_xe, mask=m_e, other=zero).to(CT)
                 b_d = b_g + b_wd * b_x
                 b_dd += b_d * b_d
                 b_xx += b_x * b_x
+            if PLUSPLUS:
+                b_hh += b_d * tl.load(p_a + o_e, mask=m_e, other=zero).to(CT)
+                b_hv += b_d * tl.load(p_u + o_e, mask=m_e, other=zero).to(CT)
     s_gg = tl.reduce(b_gg, 0, SUM).to(tl.float64)
     s_dd = tl.where(decayed, tl.reduce(b_dd, 0, SUM).to(tl.float64), s_gg)
     s_xx = tl.reduce(b_xx, 0, SUM).to(tl.float64)
-    p_out = p_partials + 3 * (chunk_base + i_c)
+    if PLUSPLUS:
+        p_out = p_partials + 5 * (chunk_base + i_c)
+        tl.store(p_out + 3, tl.reduce(b_hh, 0, SUM).to(tl.float64))
+        tl.store(p_out + 4, tl.reduce(b_hv, 0, SUM).to(tl.float64))
+    else:
+        p_out = p_partials + 3 * (chunk_base + i_c)
     tl.store(p_out, s_gg)
     tl.store(p_out + 1, s_dd)
     tl.store(p_out + 2, s_xx)
@@ -122,24 +141,40 @@ def update_kernel(
     p_chunks, p_rows, p_wd, p_coef, p_scale,
     chunk_base, u_scale: tl.float64, avg_weight: tl.float64,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr, UNSCALE: tl.constexpr,
+    MOMENTUM: tl.constexpr, RAW_STEP: tl.constexpr, UNSCALE: tl.constexpr, PLUSPLUS: tl.constexpr,
 ):
     """The measurement update of every row (every row has a slot).
 
     ``p_coef`` [k, 3] float64 by slot: (c_x, c_u, updated) from the filter kernel; a row the
     filter did not update is not touched. ``u_scale`` multiplies the stored velocity before use
     (1 after a plain predict). ``avg_weight`` is xavg's EMA weight 1 − 0.9.
+
+    ``PLUSPLUS`` (KOALA++): ``p_coef`` is [k, 6], (a, b, c, step, q, updated); with H = g̃, v the
+    ``COL_U`` array and h the ``COL_A`` array (the previous H), per element
+    v⁺ = (a·v + b·H) + c·h, x ← x − step·(v⁺ + q·H), v ← v⁺, h ← H.
     """
     i_c = tl.program_id(0).to(tl.int64)
     p_ch = p_chunks + 2 * i_c
     i_row = tl.load(p_ch)
     p_row = p_rows + i_row * NCOL
     i_slot = tl.load(p_row + COL_SLOT)
-    b_upd = tl.load(p_coef + 3 * i_slot + 2)
+    if PLUSPLUS:
+        p_cf = p_coef + 6 * i_slot
+        b_upd = tl.load(p_cf + 5)
+    else:
+        p_cf = p_coef + 3 * i_slot
+        b_upd = tl.load(p_cf + 2)
     if b_upd != 0:
         o_start = tl.multiple_of(tl.load(p_ch + 1), CHUNK)
         n = tl.load(p_row + COL_NUMEL)
-        b_cx = tl.load(p_coef + 3 * i_slot).to(CT)
+        if PLUSPLUS:
+            b_ca = tl.load(p_cf).to(CT)
+            b_cb = tl.load(p_cf + 1).to(CT)
+            b_cc = tl.load(p_cf + 2).to(CT)
+            b_cx = tl.load(p_cf + 3).to(CT)
+            b_q = tl.load(p_cf + 4).to(CT)
+        else:
+            b_cx = tl.load(p_cf).to(CT)
         b_wd64 = tl.load(p_wd + i_slot)
         b_wd = b_wd64.to(CT)
         decayed = b_wd64 != 0
@@ -148,9 +183,10 @@ def update_kernel(
         p_x = tl.multiple_of(tl.load(p_row + COL_X).to(tl.pointer_type(DT)), ALIGN)
         p_g = tl.multiple_of(tl.load(p_row + COL_G).to(tl.pointer_type(DT)), ALIGN)
         if MOMENTUM:
-            b_cu = tl.load(p_coef + 3 * i_slot + 1).to(CT)
+            b_cu = tl.load(p_cf + 1).to(CT)
             b_u_scale = (tl.full([], 0.0, dtype=tl.float64) + u_scale).to(CT)
             b_avg_weight = (tl.full([], 0.0, dtype=tl.float64) + avg_weight).to(CT)
+        if MOMENTUM or PLUSPLUS:
             p_u = tl.multiple_of(tl.load(p_row + COL_U).to(tl.pointer_type(DT)), ALIGN)
             p_a = tl.multiple_of(tl.load(p_row + COL_A).to(tl.pointer_type(DT)), ALIGN)
         n_here = tl.minimum(n - o_start, CHUNK)
@@ -178,7 +214,16 @@ def update_kernel(
                 if UNSCALE:
                     b_g = b_g * b_inv
                 b_d = tl.where(decayed, b_g + b_wd * b_x, b_g)
-                if RAW_STEP:
+                if PLUSPLUS:
+                    p_ue = p_u + o_e
+                    p_ae = p_a + o_e
+                    b_v = tl.load(p_ue, mask=m_e, other=zero).to(CT)
+                    b_h = tl.load(p_ae, mask=m_e, other=zero).to(CT)
+                    b_v1 = (b_ca * b_v + b_cb * b_d) + b_cc * b_h
+                    tl.store(p_ue, b_v1.to(DT), mask=m_e)
+                    tl.store(p_ae, b_d.to(DT), mask=m_e)
+                    b_dx = b_cx * (b_v1 + b_q * b_d)
+                elif RAW_STEP:
                     b_dx = b_cx * b_g
                 else:
                     b_dx = b_cx * b_d

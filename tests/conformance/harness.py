@@ -35,7 +35,7 @@ from tests.conformance import error_model as em
 from tests.variants import VariantInfo
 
 #: The oracle's (and the snapshots') name of each per-parameter state array.
-ORACLE_STATE = {"velocity": "u", "xavg": "xavg"}
+ORACLE_STATE = {"velocity": "u", "xavg": "xavg", "v": "v", "h": "h"}
 
 
 def interpreter_enabled() -> bool:
@@ -158,10 +158,12 @@ def state_arrays(variant: VariantInfo) -> list[tuple[str, str]]:
 
 
 def snapshot(opt, flat, variant: VariantInfo) -> dict:
-    """Exact copies: "x", the state arrays under their oracle names ("u", "xavg") and "filter"
-    (every ``filter_state`` entry as a Python number)."""
+    """Exact copies: "x", the state arrays under their oracle names ("u", "xavg"; KOALA++'s "v",
+    "h"), "filter" (every ``filter_state`` entry as a Python number) and "tensors" (KOALA++'s
+    per-tensor filters: name -> list of Python numbers; empty for KOALA-V/M)."""
     snap = {"x": [p.detach().clone() for p in flat],
-            "filter": {k: v.item() for k, v in opt.filter_state.items()}}
+            "filter": {k: v.item() for k, v in opt.filter_state.items()},
+            "tensors": {k: opt.tensor_filters[k].tolist() for k in variant.tensor_keys}}
     for key, name in state_arrays(variant):
         snap[name] = [opt.state[p][key].detach().clone() for p in flat]
     return snap
@@ -176,7 +178,8 @@ def restart_oracle(oracle, snap: dict, variant: VariantInfo, velocity_scale=None
         with mpmath.workdps(DPS):
             arrays["u"] = [[velocity_scale * v for v in vector(t)] for t in arrays["u"]]
     oracle.load(x=snap["x"], step=f["step"], skipped_steps=f["skipped_steps"],
-                **{k: f[k] for k in variant.filter_keys}, **arrays)
+                **{k: f[k] for k in variant.filter_keys}, **arrays,
+                **{k: snap["tensors"][k] for k in variant.tensor_keys})
 
 
 def exact_state(snap: dict, variant: VariantInfo) -> dict:
@@ -234,13 +237,18 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def compare_unchanged(label: str, before: dict, after: dict) -> None:
-    """Every state entry bit for bit as before (fold mode's predict() after an update)."""
-    for key in ("x", "u", "xavg"):
-        for i, (b, a) in enumerate(zip(before.get(key, ()), after.get(key, ()))):
+    """Every state entry bit for bit as before (fold mode's predict() after an update; KOALA++'s
+    predict())."""
+    for key in before:
+        if key in ("filter", "tensors"):
+            continue
+        for i, (b, a) in enumerate(zip(before[key], after[key])):
             if not torch.equal(_bits(b), _bits(a)):
                 raise Mismatch(f"{label}: {key}[{i}] changed")
     if before["filter"] != after["filter"]:
         raise Mismatch(f"{label}: filter_state {before['filter']} -> {after['filter']}")
+    if before.get("tensors") != after.get("tensors"):
+        raise Mismatch(f"{label}: tensor_filters {before.get('tensors')} -> {after.get('tensors')}")
 
 
 def compare_counters(label: str, opt, oracle) -> None:
