@@ -73,6 +73,7 @@ class Optimizer:
     options: tuple[tuple[str, object], ...]
     momentum: bool                  # KOALA-M: the update also moves u and xavg
     passes: tuple[str, ...]         # the passes one iteration launches, by design
+    plusplus: bool = False          # KOALA++: norms also read v, h; the update moves v, h
 
 
 OPTIMIZERS = {
@@ -82,6 +83,8 @@ OPTIMIZERS = {
                          ("predict_kernel", "norms_kernel", "filter_kernel", "update_kernel")),
     "koala_m_fold": Optimizer("KoalaM(fold_predict=True)", "KoalaM", (("fold_predict", True),),
                               True, ("norms_kernel", "filter_kernel", "fold_kernel")),
+    "koala_pp": Optimizer("KoalaPlusPlus", "KoalaPlusPlus", (), False,
+                          ("norms_kernel", "filter_kernel", "update_kernel"), plusplus=True),
 }
 
 #: (set, dtype) pairs. Device: GPT-2 small and ResNet-18 in fp32, GPT-2 small in bf16.
@@ -93,17 +96,20 @@ WEIGHT_DECAYS = (0.0, 5e-4)
 
 BYTES_FORMULA = ("GB/s = B/param(fp32) × (element size / 4 B) × parameters / (µs per iteration "
                  "× 1e3); B/param(fp32) by design (koala_triton/kernels/passes.py): norms 4 "
-                 "(reads g), 8 with weight decay (reads g, x); update 12 for KoalaV (reads x, g; "
-                 "writes x), 28 for KoalaM (also u, xavg); predict 20 (reads x, u, xavg; writes "
-                 "x, u); fold 28; filter: one program, no per-parameter traffic (no GB/s)")
+                 "(reads g), 8 with weight decay (reads g, x), KoalaPlusPlus 8 more (v, h); update 12 "
+                 "for KoalaV (reads x, g; writes x), 28 for KoalaM (also u, xavg) and KoalaPlusPlus "
+                 "(also v, h); predict 20 (reads x, u, xavg; writes x, u); fold 28; filter: one "
+                 "program, no per-parameter traffic (no GB/s)")
 
 
-def pass_bytes_fp32(kernel: str, momentum: bool, weight_decay: float) -> float | None:
-    """Bytes one pass moves per fp32 parameter (passes.py's design); None for the filter."""
+def pass_bytes_fp32(kernel: str, momentum: bool, weight_decay: float, plusplus: bool = False) -> float | None:
+    """Bytes one pass moves per fp32 parameter (passes.py's design); None for the filter.
+    KOALA++ (``plusplus``): norms read g, v, h (and x with weight decay), the update reads x, g,
+    v, h and writes x, v, h."""
     if kernel == "norms_kernel":
-        return 8.0 if weight_decay else 4.0
+        return (8.0 if weight_decay else 4.0) + (8.0 if plusplus else 0.0)
     if kernel == "update_kernel":
-        return 28.0 if momentum else 12.0
+        return 28.0 if momentum or plusplus else 12.0
     if kernel == "fold_kernel":
         return 28.0
     if kernel == "predict_kernel":
@@ -181,7 +187,7 @@ def _copies(set_name: str, dtype: torch.dtype, device: torch.device, momentum: b
     if device.type != "cuda":
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20)
-    arrays = 4 if momentum else 2    # x, g (+ u, xavg)
+    arrays = 4 if momentum else 2    # x, g (+ u, xavg; KOALA++'s v, h)
     footprint = arrays * param_sets.count(set_name)[0] * torch.empty((), dtype=dtype).element_size()
     return min(8, max(1, math.ceil(4 * l2 / footprint)))
 
@@ -216,7 +222,7 @@ def pass_rows(times: Times, optimizer: Optimizer, weight_decay: float, dtype: to
             continue
         us, n = by_pass[p]
         us_iter = us / iterations
-        b_fp32 = pass_bytes_fp32(p, optimizer.momentum, weight_decay)
+        b_fp32 = pass_bytes_fp32(p, optimizer.momentum, weight_decay, optimizer.plusplus)
         b = None if b_fp32 is None else b_fp32 * itemsize / 4
         gbps = None if b is None or us_iter <= 0 else b * params / (us_iter * 1e3)
         rows.append({"kernel": p, "launches_per_iter": n / iterations, "us_per_iter": us_iter,
@@ -242,7 +248,7 @@ def profile_case(set_name: str, dtype_name: str, weight_decay: float, opt_name: 
     optimizer = OPTIMIZERS[opt_name]
     dtype = DTYPES[dtype_name]
     t0 = time.perf_counter()
-    n_copies = _copies(set_name, dtype, device, optimizer.momentum)
+    n_copies = _copies(set_name, dtype, device, optimizer.momentum or optimizer.plusplus)
     copies = [param_sets.build(set_name, dtype, device, seed=i) for i in range(n_copies)]
     cls = getattr(koala_triton, optimizer.cls)
     steppers = [koala_stepper(cls(c.params, fused=True, weight_decay=weight_decay,

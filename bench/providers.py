@@ -11,8 +11,9 @@ An iteration is what one training step costs the optimizer:
 implementation of that algorithm must move); for other dtypes it scales with the element size.
 KOALA-M's floor is the two-pass form with the next predict folded into the update (36 B), what
 ``KoalaM(fold_predict=True)`` moves; its three-pass form (predict as its own pass, the default)
-is 56 B. The benchmarks use weight_decay = 0 for KOALA,
-so KOALA-V's floor is 16 B.
+is 56 B. KOALA++ reads g, v and h for its three dot products, then x, g, v, h and writes x, v, h:
+40 B (44 with weight decay, which also reads x for the dot products; kernels/NOTES.md). The
+benchmarks use weight_decay = 0 for KOALA, so KOALA-V's floor is 16 B and KOALA++'s 40 B.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from bench.official_style import OfficialStyleKoalaM, OfficialStyleKoalaV
+from bench.official_style import OfficialStyleKoalaM, OfficialStyleKoalaPlusPlus, OfficialStyleKoalaV
 
 N_LOSSES = 32
 
@@ -43,7 +44,7 @@ class Stepper:
 class Provider:
     name: str           # test id
     label: str          # what the report prints
-    family: str         # koala_v, koala_m, sgdm, adam, adamw
+    family: str         # koala_v, koala_m, koala_pp, sgdm, adam, adamw
     impl: str           # triton, pytorch, official-loop, foreach, fused
     bytes_fp32: int     # KOALA.md §7 floor, bytes per fp32 parameter
     cuda_only: bool
@@ -120,10 +121,14 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in [
     _koala_provider("koala_m_triton", "KoalaM (Triton)", "koala_m", "triton", 36, "M"),
     _koala_provider("koala_m_fold_triton", "KoalaM fold_predict (Triton)", "koala_m", "triton", 36, "M-fold"),
     _koala_provider("koala_m_torch", "KoalaM (PyTorch)", "koala_m", "pytorch", 36, "M"),
+    _koala_provider("koala_pp_triton", "KoalaPlusPlus (Triton)", "koala_pp", "triton", 40, "PP"),
+    _koala_provider("koala_pp_torch", "KoalaPlusPlus (PyTorch)", "koala_pp", "pytorch", 40, "PP"),
     Provider("official_v", "KOALA-V official-style loop", "koala_v", "official-loop", 16, False,
              _official(OfficialStyleKoalaV)),
     Provider("official_m", "KOALA-M official-style loop", "koala_m", "official-loop", 36, False,
              _official(OfficialStyleKoalaM)),
+    Provider("official_pp", "KOALA++ authors'-style loop", "koala_pp", "official-loop", 40, False,
+             _official(OfficialStyleKoalaPlusPlus)),
     Provider("sgdm_foreach", "SGD momentum (foreach)", "sgdm", "foreach", 20, False,
              _torch_optim("sgdm", "foreach")),
     Provider("sgdm_fused", "SGD momentum (fused)", "sgdm", "fused", 20, False,

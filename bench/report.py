@@ -208,6 +208,7 @@ def memory_table(groups) -> list[str]:
 SHORT = {"koala_v_triton": "kV-tri", "koala_v_torch": "kV-pt", "koala_m_triton": "kM-tri",
          "koala_m_fold_triton": "kMf-tri",
          "koala_m_torch": "kM-pt", "official_v": "offV", "official_m": "offM",
+         "koala_pp_triton": "kPP-tri", "koala_pp_torch": "kPP-pt", "official_pp": "offPP",
          "sgdm_foreach": "sgd-fe", "sgdm_fused": "sgd-fu", "adam_foreach": "adam-fe",
          "adam_fused": "adam-fu", "adamw_foreach": "adamw-fe", "adamw_fused": "adamw-fu"}
 

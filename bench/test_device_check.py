@@ -130,7 +130,7 @@ def test_results_of_the_parts_before_are_under_out(plumbing_run):
     assert m and int(m.group(1)) == int(m.group(2)) > 0, counts
     profile = json.loads((out / "profile" / "kernels.json").read_text())
     assert profile["timing"] == "host" and profile["complete"]
-    assert len(profile["cases"]) == 12 and not profile["skipped"]
+    assert len(profile["cases"]) == 16 and not profile["skipped"]  # 4 optimizers x 2 sets x 2 weight decays
     for case in profile["cases"]:
         assert "error" not in case and not case["missing_passes"], case
     assert "HOST TIMES, NOT DEVICE TIMES" in (out / "profile" / "kernels.md").read_text()

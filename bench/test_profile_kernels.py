@@ -15,12 +15,13 @@ from bench import check_summary, profile_kernels as pk
 @pytest.mark.parametrize("optimizer, wd, expected", [
     ("koala_v", 0.0, 16), ("koala_v", 5e-4, 20),
     ("koala_m", 0.0, 52), ("koala_m", 5e-4, 56),
-    ("koala_m_fold", 0.0, 32), ("koala_m_fold", 5e-4, 36)])
+    ("koala_m_fold", 0.0, 32), ("koala_m_fold", 5e-4, 36),
+    ("koala_pp", 0.0, 40), ("koala_pp", 5e-4, 44)])
 def test_pass_bytes_add_up_to_the_designs_bytes_per_iteration(optimizer, wd, expected):
     """koala_triton/kernels/NOTES.md: KOALA-V 16 B (20 with weight decay), KOALA-M 52 (56),
-    KOALA-M with the fold 32 (36) per fp32 parameter and iteration."""
+    KOALA-M with the fold 32 (36), KOALA++ 40 (44) per fp32 parameter and iteration."""
     opt = pk.OPTIMIZERS[optimizer]
-    assert sum(pk.pass_bytes_fp32(p, opt.momentum, wd) or 0 for p in opt.passes) == expected
+    assert sum(pk.pass_bytes_fp32(p, opt.momentum, wd, opt.plusplus) or 0 for p in opt.passes) == expected
 
 
 def test_pass_rows_divide_bytes_by_device_time():
@@ -73,7 +74,7 @@ def test_budget_skips_the_cases_left_and_says_so(tmp_path):
     assert pk.main(["--out", str(out), "--device", "cpu", "--budget-s", "1e-9",
                     "--cases", "many-small-2x1K:fp32", "--weight-decays", "0,5e-4"]) == 0
     doc = json.loads((out / "kernels.json").read_text())
-    assert doc["cases"] == [] and len(doc["skipped"]) == 6
+    assert doc["cases"] == [] and len(doc["skipped"]) == 2 * len(pk.OPTIMIZERS)
     assert all("time budget" in s["reason"] for s in doc["skipped"])
     assert "skipped: many-small-2x1K fp32 wd=0.0005 KoalaM(fold_predict=True)" in \
         (out / "kernels.md").read_text()
