@@ -12,4 +12,3 @@ from tests.helpers import reference_params
 @pytest.fixture
 def params64():
     return reference_params(torch.float64)
-

@@ -51,7 +51,7 @@ def _close(actual, expected, what, rtol=PARITY):
                                msg=lambda m: f"{what}: {m}")
 
 
-def _run_against_the_loop(hyper, weight_decay, steps=STEPS):
+def _run_against_the_loop(hyper, weight_decay, steps=STEPS, fused=False):
     """Two groups (lr 0.7 / 0.4; weight decay ``weight_decay`` / 0.05)."""
     params = reference_params(torch.float64)
 
@@ -61,7 +61,7 @@ def _run_against_the_loop(hyper, weight_decay, steps=STEPS):
         return gs
 
     ref = PP.reference(groups(), **hyper)
-    opt = KoalaPlusPlus(groups(), fused=False, **hyper)
+    opt = KoalaPlusPlus(groups(), fused=fused, **hyper)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         opt.predict()
@@ -92,6 +92,18 @@ def test_pytorch_path_matches_the_authors_style_loop(symmetric, weight_decay, r)
     """Two groups, skipped and absent gradients, a step without any gradient; every weight, v, h,
     per-tensor scalar and R after every step."""
     _run_against_the_loop(dict(symmetric=symmetric, r=r, sigma=0.1, q=0.1), weight_decay=weight_decay)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "plain"])
+def test_triton_path_matches_the_authors_style_loop(monkeypatch, symmetric):
+    """The Triton kernels (Triton's CPU interpreter, float64) against the same loop, 8 steps,
+    at the same target: they evaluate the same float64 filter from dot products summed in
+    another (fixed) order."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _run_against_the_loop(dict(symmetric=symmetric, r=None, sigma=0.1, q=0.1), weight_decay=0.05, steps=8,
+                          fused=True)
 
 
 def test_the_parity_comparison_sees_the_estimate():

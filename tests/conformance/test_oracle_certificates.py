@@ -37,6 +37,10 @@ def test_python_m_oracle_prints_the_forms_and_every_certificate_and_exits_zero()
     assert "stable p+                    = R*ph/(G*ph + R)" in out.stdout
     assert "stable Puu+                  = (G*det_h + Puu_h*R)/(G*Pxx_h + R)" in out.stdout
     assert out.stdout.count("holds ") == total
+    for line in ("KOALA++, symmetric estimate", "KOALA++, plain estimate",  # KOALA++'s forms
+                 "λ                            = (Hh*Q + Hv)/S0", "α                            = Hh/hh",
+                 "r                            = -Hh*hv/hh**2 + Hv/hh"):
+        assert line in out.stdout, line
 
 
 def test_a_wrong_step_coefficient_fails_the_exact_ekf_certificate(monkeypatch):
