@@ -145,17 +145,23 @@ def _sanitised(step_directions, buffers) -> list[Tensor]:
     return buffers
 
 
-def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: TorchState, *, r, alpha_r,
-                              raw_grad_step):
-    """Shared by both variants: norms, the filter's measurement update, and x -= coef_x·d.
-
-    Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
-    device = filt["R"].device
+def _observe(plan: StepPlan, loss: LossInput, state: TorchState, device):
+    """What every variant's update starts from: the plan with unscaled gradients, one scratch
+    buffer per tensor, the directions g̃_i (in those buffers where a copy is needed) and the
+    ``_kalman.Measurement`` (loss moments, norms)."""
     loss_mean, loss_sq_mean = loss.moments()
     plan = _unscaled(plan, state)
     buffers = scratch(state, plan.indices, plan.params)
     directions = _regularised_directions(plan, buffers)
-    m = _measurement(plan, directions, loss_mean, loss_sq_mean, device)
+    return plan, buffers, directions, _measurement(plan, directions, loss_mean, loss_sq_mean, device)
+
+
+def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: TorchState, *, r, alpha_r,
+                              raw_grad_step):
+    """Shared by KOALA-V and KOALA-M: norms, the filter's measurement update, and x -= coef_x·d.
+
+    Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
+    plan, buffers, directions, m = _observe(plan, loss, state, filt["R"].device)
     gains = _kalman.measure(filt, m, covariance, r=r, alpha_r=alpha_r)
     steps = _sanitised(plan.grads if raw_grad_step else directions, buffers)
     if steps:
@@ -252,11 +258,7 @@ class TorchBackend:
         per-tensor filters (``_kalman_pp``), then per tensor v ← a·v + b·H + c·h (formed in the
         compute dtype, rounded once into v), x ← x − step·(v + q·H) and h ← H."""
         device = filt["R"].device
-        loss_mean, loss_sq_mean = loss.moments()
-        plan = _unscaled(plan, state)
-        buffers = scratch(state, plan.indices, plan.params)
-        directions = _regularised_directions(plan, buffers)
-        base = _measurement(plan, directions, loss_mean, loss_sq_mean, device)
+        plan, buffers, directions, base = _observe(plan, loss, state, device)
         H = _sanitised(directions, buffers)  # finite wherever the step runs; zeros replace NaN/inf
         m = _kalman_pp.PlusPlusMeasurement(**vars(base), h_prev=dot_products(H, previous, device),
                                            v_prev=dot_products(H, surrogates, device))

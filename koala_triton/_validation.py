@@ -66,6 +66,21 @@ def check_fused(value) -> bool | None:
     return value
 
 
+def measurement_settings(*, r, alpha_r, loss_floor) -> dict:
+    """The measurement settings every KOALA variant shares, checked: a fixed noise ``r`` (or
+    None: estimated), the estimator's ``alpha_r`` in [0, 1), a finite ``loss_floor``."""
+    return dict(
+        r=check_optional_nonnegative("r", r),
+        alpha_r=check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
+        loss_floor=check_finite("loss_floor", loss_floor),
+    )
+
+
+def random_walk_settings(*, sigma, q) -> dict:
+    """KOALA-V's and KOALA++'s prior variance ``sigma`` and process noise ``q`` (>= 0)."""
+    return dict(sigma=check_nonnegative("sigma", sigma), q=check_nonnegative("q", q))
+
+
 def check_psd_2x2(sw: float, sc: float, sv: float) -> None:
     """The initial KOALA-M covariance [[sw, sc], [sc, sv]] must be positive semi-definite."""
     if sw < 0.0 or sv < 0.0 or sw * sv - sc * sc < 0.0:

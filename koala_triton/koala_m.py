@@ -82,9 +82,7 @@ class KoalaM(KoalaOptimizer):
             a=_validation.check_in_interval("a", a, 0.0, 1.0, high_open=False),
             qw=_validation.check_nonnegative("qw", qw),
             qv=_validation.check_nonnegative("qv", qv),
-            r=_validation.check_optional_nonnegative("r", r),
-            alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
-            loss_floor=_validation.check_finite("loss_floor", loss_floor),
+            **_validation.measurement_settings(r=r, alpha_r=alpha_r, loss_floor=loss_floor),
         )
         fold = _validation.check_bool("fold_predict", fold_predict)
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)

@@ -71,14 +71,9 @@ class KoalaPlusPlus(KoalaOptimizer):
         loss_floor: float = 0.0,
         fused: bool | None = None,
     ):
-        hyper = dict(
-            sigma=_validation.check_nonnegative("sigma", sigma),
-            q=_validation.check_nonnegative("q", q),
-            r=_validation.check_optional_nonnegative("r", r),
-            alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
-            symmetric=_validation.check_bool("symmetric", symmetric),
-            loss_floor=_validation.check_finite("loss_floor", loss_floor),
-        )
+        hyper = dict(**_validation.random_walk_settings(sigma=sigma, q=q),
+                     symmetric=_validation.check_bool("symmetric", symmetric),
+                     **_validation.measurement_settings(r=r, alpha_r=alpha_r, loss_floor=loss_floor))
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
 
     # ------------------------------------------------------------------ per-tensor state

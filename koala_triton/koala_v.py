@@ -68,14 +68,9 @@ class KoalaV(KoalaOptimizer):
         loss_floor: float = 0.0,
         fused: bool | None = None,
     ):
-        hyper = dict(
-            sigma=_validation.check_nonnegative("sigma", sigma),
-            q=_validation.check_nonnegative("q", q),
-            r=_validation.check_optional_nonnegative("r", r),
-            alpha_r=_validation.check_in_interval("alpha_r", alpha_r, 0.0, 1.0, high_open=True),
-            raw_grad_step=_validation.check_bool("raw_grad_step", raw_grad_step),
-            loss_floor=_validation.check_finite("loss_floor", loss_floor),
-        )
+        hyper = dict(**_validation.random_walk_settings(sigma=sigma, q=q),
+                     raw_grad_step=_validation.check_bool("raw_grad_step", raw_grad_step),
+                     **_validation.measurement_settings(r=r, alpha_r=alpha_r, loss_floor=loss_floor))
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
 
     def _initial_filter(self) -> dict[str, float]:

@@ -38,6 +38,8 @@ from .checks import Check, is_zero
 from .derive import derive_m, derive_reduction, derive_riccati, derive_v, scalar_symbols
 from .evaluator import DPS, KoalaMOracle, KoalaVOracle
 from .kpp_certificates import PP_CERTIFICATES
+from .problems import exact_groups, float_problem, group_spec, worst_relative_gap
+from .problems import small_rational as _q
 
 __all__ = ["all_checks", "CERTIFICATES", "EXACT_SIZES"]
 
@@ -45,12 +47,6 @@ __all__ = ["all_checks", "CERTIFICATES", "EXACT_SIZES"]
 EXACT_SIZES = [(1,), (2,), (3,), (4,), (1, 2), (2, 2), (1, 1, 2)]
 
 
-def _q(rng: random.Random, lo: int = -9, hi: int = 9, positive: bool = False) -> sp.Rational:
-    """A small non-zero Rational; positive when asked."""
-    while True:
-        num = rng.randint(1 if positive else lo, hi)
-        if num != 0:
-            return sp.Rational(num, rng.randint(1, 7))
 
 
 def _prior_block(rng: random.Random, k: int) -> sp.Matrix:
@@ -327,19 +323,8 @@ class _MatrixKoala:
 
 
 def _float_problem(seed: int, variant: str):
-    rng = random.Random(seed)
     sizes = (1, 2, 1)
-    x0 = [rng.uniform(-2, 2) for _ in range(sum(sizes))]
-    steps = []
-    for step in range(3):
-        grads = [[rng.uniform(-1, 1) for _ in range(sz)] for sz in sizes]
-        if step == 1:
-            grads[2] = None                 # a tensor without a gradient this step
-        if step == 2:
-            grads[0] = [1e-12]              # below its group's eps: skipped
-        steps.append((rng.uniform(0.5, 2.0), rng.uniform(0.5, 4.0), grads))
-    groups = [{"lr": 0.75, "wd": 0.125, "eps": 1e-9}, {"lr": 0.5, "wd": 0.0, "eps": 1e-9},
-              {"lr": 0.5, "wd": 0.0, "eps": 1e-9}]
+    x0, steps, groups = float_problem(seed, sizes, 3)
     if variant == "V":
         hyper = dict(sigma=0.25, q=0.5, r=None, alpha_r=0.9)
     else:
@@ -352,14 +337,9 @@ def evaluator_against_matrix_koala(variant: str) -> Check:
     sizes, x0, steps, groups, hyper = _float_problem(7, variant)
     blocks = tensor_slices(sizes)
     params = [x0[b] for b in blocks]
-    group_spec = [
-        {"params": [params[0]], "lr": groups[0]["lr"], "weight_decay": groups[0]["wd"]},
-        {"params": params[1:], "lr": groups[1]["lr"]},
-    ]
     cls = KoalaVOracle if variant == "V" else KoalaMOracle
-    oracle = cls(group_spec, **hyper)
-    exact_groups = [{k: sp.Rational(v) for k, v in g.items()} for g in groups]
-    matrix = _MatrixKoala(variant, sizes, exact_groups, x0, hyper)
+    oracle = cls(group_spec(params, groups), **hyper)
+    matrix = _MatrixKoala(variant, sizes, exact_groups(groups), x0, hyper)
     worst = mpmath.mpf(0)
     with mpmath.workdps(DPS + 20):
         for L, m2, grads in steps:
@@ -381,9 +361,7 @@ def evaluator_against_matrix_koala(variant: str) -> Check:
                 pairs += [(oracle.Pxx, matrix.P[0, 0]), (oracle.Pxu, matrix.P[0, n]),
                           (oracle.Puu, matrix.P[n, n]), (oracle.qx, matrix.qx)]
             pairs.append((oracle.R, matrix.R))
-            for got, want in pairs:
-                w = mpmath.mpf(sp.N(want, DPS + 20))
-                worst = max(worst, abs(got - w) / max(abs(w), mpmath.mpf(1)))
+            worst = worst_relative_gap(pairs, worst, DPS + 20)
     bound = mpmath.mpf(10) ** -(DPS - 10)
     return Check(f"{variant}.evaluator-vs-matrix-koala",
                  f"mpmath evaluator ({DPS} digits, float inputs) = full-matrix KOALA in exact "

@@ -227,6 +227,22 @@ class _KoalaOracle:
             self.R = self.alpha_r * self.R + (1 - self.alpha_r) * m2
         return L, m2, g, True
 
+    def _observations(self, g: list, run: bool, traces: list, trace_cls=None):
+        """Every tensor in update order: its trace (``trace_cls``, default ``TensorTrace``) is
+        appended to ``traces``; for each tensor that takes a step (not skipped by the skip rule
+        or with the whole update) yield (trace, lr, wd, g~, ‖g~‖², ‖x‖²), g~ = g + wd·x the
+        derived direction, in exact values."""
+        direction = _forms_v().direction
+        for i, group in self._order():
+            lr, wd, eps = exact(group["lr"]), exact(group["weight_decay"]), exact(group["eps"])
+            reason = "skipped-step" if not run else self._skip(g[i], eps)
+            t = (trace_cls or TensorTrace)(index=i, numel=len(self.x[i]), updated=not reason, reason=reason)
+            traces.append(t)
+            if reason:
+                continue
+            gt = [direction(gj, wd, xj) for gj, xj in zip(g[i], self.x[i])]
+            yield t, lr, wd, gt, mpmath.fsum(v * v for v in gt), mpmath.fsum(v * v for v in self.x[i])
+
     @staticmethod
     def _skip(grad, eps) -> str:
         if grad is None:
@@ -291,17 +307,8 @@ class KoalaVOracle(_KoalaOracle):
             L, m2, g, run = self._measure(loss, loss_var, grads)
             p_hat = self.p
             traces, hs, Gs = [], [], []
-            for i, group in self._order():
-                lr, wd, eps = exact(group["lr"]), exact(group["weight_decay"]), exact(group["eps"])
-                reason = "skipped-step" if not run else self._skip(g[i], eps)
-                t = TensorTrace(index=i, numel=len(self.x[i]), updated=not reason, reason=reason)
-                traces.append(t)
-                if reason:
-                    continue
-                x = self.x[i]
-                gt = [f.direction(gj, wd, xj) for gj, xj in zip(g[i], x)]
-                G = mpmath.fsum(v * v for v in gt)
-                X2 = mpmath.fsum(v * v for v in x)
+            for t, lr, wd, gt, G, X2 in self._observations(g, run, traces):
+                i, x = t.index, self.x[t.index]
                 Lt = f.observed_loss(L, wd, X2)
                 c = f.step(lr, Lt, p_hat, G, self.R)
                 d = g[i] if self.raw_grad_step else gt
@@ -372,17 +379,9 @@ class KoalaMOracle(_KoalaOracle):
             L, m2, g, run = self._measure(loss, loss_var, grads)
             Pxx, Pxu, Puu = self.Pxx, self.Pxu, self.Puu
             traces, hs, Gs = [], [], []
-            for i, group in self._order():
-                lr, wd, eps = exact(group["lr"]), exact(group["weight_decay"]), exact(group["eps"])
-                reason = "skipped-step" if not run else self._skip(g[i], eps)
-                t = TensorTrace(index=i, numel=len(self.x[i]), updated=not reason, reason=reason)
-                traces.append(t)
-                if reason:
-                    continue
+            for t, lr, wd, gt, G, X2 in self._observations(g, run, traces):
+                i = t.index
                 x, u = self.x[i], self.u[i]
-                gt = [f.direction(gj, wd, xj) for gj, xj in zip(g[i], x)]
-                G = mpmath.fsum(v * v for v in gt)
-                X2 = mpmath.fsum(v * v for v in x)
                 Lt = f.observed_loss(L, wd, X2)
                 cx = f.step_x(lr, Lt, Pxx, Pxu, G, self.R)
                 cu = f.step_u(lr, Lt, Pxx, Pxu, G, self.R)

@@ -28,15 +28,12 @@ from .evaluator import DPS
 from .kpp_assumptions import ESTIMATES, estimate_closed_form
 from .kpp_derive import derive_pp, pp_symbols
 from .kpp_evaluator import KoalaPlusPlusOracle
+from .problems import exact_groups, float_problem, group_spec, worst_relative_gap
+from .problems import small_rational as _q
 
 __all__ = ["PP_CERTIFICATES"]
 
 
-def _q(rng: random.Random, positive: bool = False) -> sp.Rational:
-    while True:
-        num = rng.randint(1 if positive else -9, 9)
-        if num:
-            return sp.Rational(num, rng.randint(1, 7))
 
 
 def _recursion_step(estimate: str, H, h, v, hh, hv, S0, Q, R):
@@ -207,34 +204,15 @@ class _VectorPlusPlus:
             self.state[i] = (v, H, S)
 
 
-def _float_problem(seed: int):
-    rng = random.Random(seed)
-    sizes = (1, 2, 3)
-    x0 = [rng.uniform(-2, 2) for _ in range(sum(sizes))]
-    steps = []
-    for step in range(4):
-        grads = [[rng.uniform(-1, 1) for _ in range(sz)] for sz in sizes]
-        if step == 1:
-            grads[2] = None           # no gradient this step
-        if step == 2:
-            grads[0] = [1e-12]        # below eps: skipped, state untouched
-        steps.append((rng.uniform(0.5, 2.0), rng.uniform(0.5, 4.0), grads))
-    groups = [{"lr": 0.75, "wd": 0.125, "eps": 1e-9}, {"lr": 0.5, "wd": 0.0, "eps": 1e-9},
-              {"lr": 0.5, "wd": 0.0, "eps": 1e-9}]
-    return sizes, x0, steps, groups
-
-
 def evaluator_against_vector_koala_pp(estimate: str, r) -> Check:
-    sizes, x0, steps, groups = _float_problem(21)
+    sizes = (1, 2, 3)
+    x0, steps, groups = float_problem(21, sizes, 4)
     blocks = tensor_slices(sizes)
     params = [x0[b] for b in blocks]
-    spec = [{"params": [params[0]], "lr": groups[0]["lr"], "weight_decay": groups[0]["wd"]},
-            {"params": params[1:], "lr": groups[1]["lr"]}]
     hyper = dict(sigma=0.25, q=0.125, r=r, alpha_r=0.875)
     symmetric = estimate == "symmetric"
-    oracle = KoalaPlusPlusOracle(spec, **hyper, symmetric=symmetric)
-    exact_groups = [{k: sp.Rational(v) for k, v in g.items()} for g in groups]
-    vec = _VectorPlusPlus(sizes, exact_groups, x0, hyper, symmetric)
+    oracle = KoalaPlusPlusOracle(group_spec(params, groups), **hyper, symmetric=symmetric)
+    vec = _VectorPlusPlus(sizes, exact_groups(groups), x0, hyper, symmetric)
     worst = mpmath.mpf(0)
     with mpmath.workdps(DPS + 20):
         for L, m2, grads in steps:
@@ -249,9 +227,7 @@ def evaluator_against_vector_koala_pp(estimate: str, r) -> Check:
                     pairs += [(oracle.h[i][j], H[j]) for j in range(sizes[i])]
                     pairs += [(oracle.S[i], S), (oracle.hh[i], (H.T * H)[0, 0]), (oracle.hv[i], (H.T * v)[0, 0])]
             pairs.append((oracle.R, vec.R))
-            for got, want in pairs:
-                w = mpmath.mpf(sp.N(want, DPS + 20))
-                worst = max(worst, abs(got - w) / max(abs(w), mpmath.mpf(1)))
+            worst = worst_relative_gap(pairs, worst, DPS + 20)
     bound = mpmath.mpf(10) ** -(DPS - 10)
     label = "adaptive R" if r is None else "fixed r"
     return Check(f"PP.{estimate}-evaluator-vs-vector-koala-pp-{'adaptive' if r is None else 'fixed'}-r",

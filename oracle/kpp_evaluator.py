@@ -131,17 +131,8 @@ class KoalaPlusPlusOracle(_KoalaOracle):
             L, m2, g, run = self._measure(loss, loss_var, grads)
             Q, R = self.Q, self.R
             traces = []
-            for i, group in self._order():
-                lr, wd, eps = exact(group["lr"]), exact(group["weight_decay"]), exact(group["eps"])
-                reason = "skipped-step" if not run else self._skip(g[i], eps)
-                t = PlusPlusTensorTrace(index=i, numel=len(self.x[i]), updated=not reason, reason=reason)
-                traces.append(t)
-                if reason:
-                    continue
-                x = self.x[i]
-                H = [fv.direction(gj, wd, xj) for gj, xj in zip(g[i], x)]
-                HH = mpmath.fsum(e * e for e in H)
-                X2 = mpmath.fsum(e * e for e in x)
+            for t, lr, wd, H, HH, X2 in self._observations(g, run, traces, PlusPlusTensorTrace):
+                i, x = t.index, self.x[t.index]
                 t.first = self.updates[i] == 0
                 if t.first:  # the code's phantom start (first_step_values)
                     v_prev, h_prev = [self.sigma * e for e in H], list(H)

@@ -3,8 +3,8 @@
 Two families of fixtures and comparisons:
 
 - the PyTorch path against the float64 reference loop (``tests/reference.py``):
-  ``reference_params``, ``reference_groups``, ``assert_close`` (error model: identical float64
-  expressions in another order, 1e-12);
+  ``reference_params``, ``reference_groups``, ``reference_grads``, ``assert_close`` (error
+  model: identical float64 expressions in another order, 1e-12);
 - the Triton path against the PyTorch path (``test_triton_interpreter.py``, its GPU twin
   ``test_triton_gpu.py``, ``test_triton_host_cache.py``): ``make_params``, ``clone_params``,
   ``groups``, ``grads_for_step``, ``losses_for_step``, ``assign``, ``assert_close_scaled``,
@@ -49,6 +49,22 @@ def reference_groups(params):
         {"params": params[:4], "lr": 0.7, "weight_decay": 0.0, "eps": 1e-9},
         {"params": params[4:], "lr": 0.4, "weight_decay": 0.05, "eps": 1e-9},
     ]
+
+
+def reference_grads(params, step, gen, scale: float = 1.0):
+    """Random float64 grads (times ``scale``) for ``reference_params`` with a schedule of the
+    awkward cases: params[1] has no grad on even steps (None); params[5] gets a tiny gradient
+    (norm < eps) every third step: skipped; on step 7 no tensor has a gradient at all (a no-op
+    update)."""
+    grads = []
+    for i, p in enumerate(params):
+        if step == 7 or (i == 1 and step % 2 == 0):
+            grads.append(None)
+        elif i == 5 and step % 3 == 0:
+            grads.append(torch.full(p.shape, 1e-12, dtype=torch.float64))
+        else:
+            grads.append(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+    return grads
 
 
 def assert_close(actual, expected, what, rtol=REFERENCE_RTOL):

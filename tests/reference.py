@@ -16,6 +16,13 @@ import math
 import torch
 
 
+def _finite(loss: float, loss_sq_mean: float | None, grads, r_fixed) -> bool:
+    """The package's rule: an update runs only if the loss, every gradient and (while R is
+    estimated) the mean squared loss are finite."""
+    finite = math.isfinite(loss) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+    return finite and (r_fixed is not None or math.isfinite(loss_sq_mean))
+
+
 class ReferenceKoala:
     def __init__(self, groups, *, variant, sigma=0.1, q=1.0, sw=0.1, sc=0.0, sv=0.1,
                  a=0.9, qw=1e-2, qv=1e-2, r=None, alpha_r=0.9, raw_grad_step=False):
@@ -102,10 +109,7 @@ class ReferenceKoala:
     def update(self, loss: float, loss_sq_mean: float | None, grads):
         """grads: flat list aligned with params() (None = no gradient)."""
         grads = [None if g is None else g.double() for g in grads]
-        finite = math.isfinite(loss) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-        if self.r_fixed is None:
-            finite = finite and math.isfinite(loss_sq_mean)
-        if not finite:
+        if not _finite(loss, loss_sq_mean, grads, self.r_fixed):
             self.skipped += 1
             return
         if self.r_fixed is None:
@@ -195,10 +199,7 @@ class ReferencePlusPlus:
     def update(self, loss: float, loss_sq_mean: float | None, grads):
         """grads: flat list aligned with params() (None = no gradient)."""
         grads = [None if g is None else g.double() for g in grads]
-        finite = math.isfinite(loss) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-        if self.r_fixed is None:
-            finite = finite and math.isfinite(loss_sq_mean)
-        if not finite:
+        if not _finite(loss, loss_sq_mean, grads, self.r_fixed):
             self.skipped += 1
             return
         for p, g in zip(self.params(), grads):

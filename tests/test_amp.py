@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from koala_triton import KoalaM, KoalaV
+from tests.variants import class_params
 
-BOTH = pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+BOTH = pytest.mark.parametrize("cls", class_params(by_id=True))  # every variant
 
 
 @pytest.fixture(params=["torch", "triton-interpreter"])

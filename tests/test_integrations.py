@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from koala_triton import KoalaM, KoalaV
+from koala_triton import KoalaM
+from tests.variants import class_params
 
 
 def _count_time_updates(opt) -> list[int]:
@@ -39,7 +40,7 @@ def _classification_data(n=96, seed=0):
             for i, y in zip(ids, labels)]
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+@pytest.mark.parametrize("cls", class_params(by_id=True))
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_hugging_face_trainer_steps_exactly_like_the_readme_loop(cls, accumulation, tmp_path):
     """KoalaTrainer's 8 optimizer steps are the README loop's on the same micro-batches (those
@@ -178,7 +179,7 @@ def _module(lightning, cls, manual, record: list):
     return Module()
 
 
-@pytest.mark.parametrize("cls", [KoalaV, KoalaM], ids=["V", "M"])
+@pytest.mark.parametrize("cls", class_params(by_id=True))
 @pytest.mark.parametrize("manual", [False, True, "closure"], ids=["automatic", "manual", "manual-closure"])
 def test_lightning_takes_one_predict_and_one_update_per_step(cls, manual):
     lightning = _lightning()

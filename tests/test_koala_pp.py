@@ -22,26 +22,12 @@ import pytest
 import torch
 
 from koala_triton import KoalaPlusPlus
-from tests.helpers import reference_groups, reference_params
+from tests.helpers import reference_grads, reference_groups, reference_params
 from tests.variants import VARIANTS
 
 PP = VARIANTS["PP"]
 STEPS = 16
 PARITY = 1e-9  # the issue's target: float64 steps match the authors' code to 1e-9 relative
-
-
-def _grads_for_step(params, step, gen):
-    """None on tensor 1 every other step, a below-eps gradient on tensor 5 every third step,
-    and no gradient at all on step 7 (a no-op update)."""
-    grads = []
-    for i, p in enumerate(params):
-        if step == 7 or (i == 1 and step % 2 == 0):
-            grads.append(None)
-        elif i == 5 and step % 3 == 0:
-            grads.append(torch.full(p.shape, 1e-12, dtype=torch.float64))
-        else:
-            grads.append(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (0.5 + step % 3))
-    return grads
 
 
 def _close(actual, expected, what, rtol=PARITY):
@@ -66,7 +52,7 @@ def _run_against_the_loop(hyper, weight_decay, steps=STEPS, fused=False):
     for step in range(steps):
         opt.predict()
         ref.predict()
-        grads = _grads_for_step(params, step, gen)
+        grads = reference_grads(params, step, gen, scale=0.5 + step % 3)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.clone()
         losses = torch.rand(8, generator=gen, dtype=torch.float64) * 2 + 0.25
@@ -114,7 +100,7 @@ def test_the_parity_comparison_sees_the_estimate():
     opt = KoalaPlusPlus(reference_groups(params), fused=False, symmetric=True)
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
-        grads = _grads_for_step(params, step + 1, gen)
+        grads = reference_grads(params, step + 1, gen)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.clone()
         losses = torch.rand(8, generator=gen, dtype=torch.float64) + 0.5

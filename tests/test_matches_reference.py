@@ -12,27 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_matches_reference, reference_groups, reference_params
+from tests.helpers import assert_matches_reference, reference_grads, reference_groups, reference_params
 from tests.variants import VARIANTS
 
 STEPS = 16
 V, M = VARIANTS["V"], VARIANTS["M"]
-
-
-def _grads_for_step(params, step, gen):
-    """Random grads with a schedule of the awkward cases:
-    - params[1] has no grad on even steps (None);
-    - params[5] gets a tiny gradient (norm < eps) on every third step: skipped;
-    - on step 7 no tensor has a gradient at all (a no-op update)."""
-    grads = []
-    for i, p in enumerate(params):
-        if step == 7 or (i == 1 and step % 2 == 0):
-            grads.append(None)
-        elif i == 5 and step % 3 == 0:
-            grads.append(torch.full(p.shape, 1e-12, dtype=torch.float64))
-        else:
-            grads.append(torch.randn(p.shape, generator=gen, dtype=torch.float64))
-    return grads
 
 
 def _losses(gen):
@@ -52,7 +36,7 @@ def _run(variant, hyper, lr_schedule):
             g_opt["lr"] = g_ref["lr"] = base * lr_schedule(step)
         opt.predict()
         ref.predict()
-        grads = _grads_for_step(params, step, gen)
+        grads = reference_grads(params, step, gen)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.clone()
         losses = _losses(gen)

@@ -275,9 +275,10 @@ def variant_params(where: Callable[[VariantInfo], bool] | None = None) -> list:
     return [pytest.param(info, id=info.id) for info in VARIANTS.values() if where is None or where(info)]
 
 
-def class_params() -> list:
-    """One ``pytest.param(optimizer class)`` per variant, id the class name (``"KoalaV"``)."""
-    return [pytest.param(info.cls, id=info.cls.__name__) for info in VARIANTS.values()]
+def class_params(by_id: bool = False) -> list:
+    """One ``pytest.param(optimizer class)`` per variant, id the class name (``"KoalaV"``), or
+    the variant's id (``"V"``) with ``by_id``."""
+    return [pytest.param(info.cls, id=info.id if by_id else info.cls.__name__) for info in VARIANTS.values()]
 
 
 def case_params(modes: Iterable[str] | None = None, *, where: Callable[[Case], bool] | None = None,

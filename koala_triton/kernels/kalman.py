@@ -196,34 +196,34 @@ def filter_kernel(
         else:
             noise = b_r
 
+        largest = zero
         if PLUSPLUS:
             sigma = tl.load(p_const + C_SIGMA)
             q = tl.load(p_const + C_Q)
-            for t0 in range(0, n_slots, BLOCK_T):
-                o_s = t0 + o_t
-                m_s = o_s < n_slots
-                p_s5 = p_sums + 5 * o_s
-                b_gg = tl.load(p_s5, mask=m_s, other=0.0)
-                b_dd = tl.load(p_s5 + 1, mask=m_s, other=0.0)
-                b_xx = tl.load(p_s5 + 2, mask=m_s, other=0.0)
-                b_hp = tl.load(p_s5 + 3, mask=m_s, other=0.0)
-                b_vp = tl.load(p_s5 + 4, mask=m_s, other=0.0)
-                b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
-                b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
-                b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
+        for t0 in range(0, n_slots, BLOCK_T):
+            o_s = t0 + o_t
+            m_s = o_s < n_slots
+            p_sn = p_sums + NPART * o_s
+            b_gg = tl.load(p_sn, mask=m_s, other=0.0)
+            b_dd = tl.load(p_sn + 1, mask=m_s, other=0.0)
+            b_xx = tl.load(p_sn + 2, mask=m_s, other=0.0)
+            b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
+            b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
+            b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
+            ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
+            reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
+            if PLUSPLUS:  # _kalman_pp.measure_pp, expression for expression
                 p_r4 = p_tensors + 4 * tl.load(p_index + o_s, mask=m_s, other=0)
                 r_S = tl.load(p_r4, mask=m_s, other=0.0)
                 r_hh = tl.load(p_r4 + 1, mask=m_s, other=0.0)
                 r_hv = tl.load(p_r4 + 2, mask=m_s, other=0.0)
                 r_up = tl.load(p_r4 + 3, mask=m_s, other=0.0)
-                ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
-                # _kalman_pp.measure_pp, expression for expression
                 HH = tl.where(ok, b_dd, 1.0)
                 first = r_up == 0
                 sHH = sigma * HH
                 hh = tl.where(first, HH, r_hh)
-                Hh = tl.where(first, HH, b_hp)
-                Hv = tl.where(first, sHH, b_vp)
+                Hh = tl.where(first, HH, tl.load(p_sn + 3, mask=m_s, other=0.0))
+                Hv = tl.where(first, sHH, tl.load(p_sn + 4, mask=m_s, other=0.0))
                 hv = tl.where(first, sHH, r_hv)
                 S0 = tl.where(first, (sHH + q * HH) + noise, r_S)
                 hh = tl.where(ok, hh, 1.0)
@@ -239,7 +239,6 @@ def filter_kernel(
                     cc = (Hv / hh - (Hh * hv) / (hh * hh)) + cc
                 vH = (ca * Hv + q * HH) + cc * Hh
                 S = (vH + q * HH) + noise
-                reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
                 step = b_lr * reg_loss / S
                 cb = tl.where(first, (ca * sigma + q) + cc, q)
                 ca = tl.where(first, 0.0, ca)
@@ -255,21 +254,8 @@ def filter_kernel(
                 tl.store(p_r4 + 1, tl.where(ok, HH, r_hh), mask=m_s)
                 tl.store(p_r4 + 2, tl.where(ok, vH, r_hv), mask=m_s)
                 tl.store(p_r4 + 3, tl.where(ok, r_up + 1.0, r_up), mask=m_s)
-        largest = zero
-        if not PLUSPLUS:  # KOALA's gains and the largest ‖g̃‖² of the updated tensors
-            for t0 in range(0, n_slots, BLOCK_T):
-                o_s = t0 + o_t
-                m_s = o_s < n_slots
-                p_s3 = p_sums + 3 * o_s
-                b_gg = tl.load(p_s3, mask=m_s, other=0.0)
-                b_dd = tl.load(p_s3 + 1, mask=m_s, other=0.0)
-                b_xx = tl.load(p_s3 + 2, mask=m_s, other=0.0)
-                b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
-                b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
-                b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)
-                ok = (tl.sqrt(b_gg) >= b_eps) & m_finite & m_s
+            else:  # KOALA's gains and the largest ‖g̃‖² of the updated tensors
                 g_sq = tl.where(ok, b_dd, 0.0)
-                reg_loss = loss + 0.5 * b_wd * tl.where(b_wd != 0, b_xx, 0.0)
                 reg_loss = tl.where(ok, reg_loss, 0.0)
                 scale = b_lr * reg_loss / tl.where(ok, b_pxx * g_sq + noise, 1.0)
                 p_c = p_coef + 3 * o_s
