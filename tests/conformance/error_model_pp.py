@@ -175,8 +175,8 @@ def update_bounds(prec: Precision, oracle, trace, hyper: dict, *, adaptive: bool
             wd = t.wd
             # 1. the inputs of the filter
             mag_H = [abs(g) + abs(wd * x) for g, x in zip(t.grad, t.x_prior)]
-            dH = [g_pp(prec, "H") * m + wd * e for m, e in zip(mag_H, ex)] if wd else list(
-                [wd * e for e in ex])  # wd = 0: H = g exactly
+            # H = g + wd·x rounds (none when wd = 0: H is g) and carries wd times x's error
+            dH = [(g_pp(prec, "H") * m if wd else 0) + wd * e for m, e in zip(mag_H, ex)]
             A = mpmath.fsum(m * m for m in mag_H)
             dHH = norm_error(prec, N, A) + 2 * mpmath.fsum(abs(H) * wd * e for H, e in zip(t.H, ex))
             err = {"HH": Err(t.HH, dHH, u_f), "R": Err(trace.R, dR, u_f), "L": Err(trace.loss, inputs.loss, u_f),

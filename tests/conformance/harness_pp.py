@@ -14,7 +14,7 @@ from __future__ import annotations
 import mpmath
 import torch
 
-from oracle import DPS
+from oracle import DPS, exact, vector
 from tests.conformance import error_model as em
 from tests.conformance import error_model_pp as epp
 from tests.conformance.harness import (
@@ -87,8 +87,6 @@ def run_restarted(variant: VariantInfo, scenario: Scenario, dtype, impl: dict, d
 def _relative_gap(opt, flat, oracle) -> mpmath.mpf:
     """The largest |implementation − oracle| over each quantity's magnitude (weights, v, h per
     tensor at its largest element; scalars at their own size)."""
-    from oracle import exact, vector
-
     worst = mpmath.mpf(0)
     with mpmath.workdps(DPS):
         for i, p in enumerate(flat):
