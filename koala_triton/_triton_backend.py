@@ -34,7 +34,7 @@ from ._kalman import ISOTROPIC, MOMENTUM
 from ._loss import LossInput
 from ._plan import StepPlan
 from ._predict_state import PredictState
-from .kernels import tables
+from .kernels import shards, tables
 from .kernels.kalman import filter_kernel
 from .kernels.launch import blocks_for, launch
 from .kernels.passes import fold_kernel, norms_kernel, predict_kernel, update_kernel
@@ -172,9 +172,10 @@ def _loss_args(loss: LossInput) -> dict:
     )
 
 
-def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, table=None, partials=None,
+def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, slot_chunks=None, partials=None,
                    coef=None, loss: LossInput | None = None, r=None, alpha_r=0.9) -> None:
-    """The filter kernel: the deferred predict work, then (with ``loss``) the measurement."""
+    """The filter kernel: the deferred predict work, then (with ``loss``) the measurement of
+    the per-slot sums of ``partials`` (chunks by slot: ``slot_chunks`` [k, 2])."""
     measure = loss is not None
     tail = state.tail if covariance.velocity else None
     deferred = state.predict.take_deferred()
@@ -199,7 +200,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         p_below=filt["below_floor_steps"], p_found_inf=found_inf if found_inf is not None else dummy,
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
-        p_slot_chunks=table.slot_chunks if k else _no_slots(state, device),
+        p_slot_chunks=slot_chunks if k else _no_slots(state, device),
         p_partials=partials if measure else dummy,
         p_sums=_buffer(state, "sums", 3 * k, FLOAT, device) if k else dummy,
         p_coef=coef if measure else dummy,
@@ -218,7 +219,11 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
 
 def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, device, covariance, *,
              loss: LossInput, r, alpha_r) -> Tensor:
-    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3]."""
+    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3].
+
+    With DTensor shards on several ranks (``plan.collective``), each tensor's partials are
+    summed here (``shards.row_sums``) and reduced over the ranks, with the loss, before the
+    filter kernel reads them as one partial per slot."""
     blocks = blocks_for(device)
     k = len(plan.params)
     partials = _buffer(state, "partials", 3 * table.n_chunks, FLOAT, device)
@@ -230,8 +235,12 @@ def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, devi
             **_scale_args(plan, partials), chunk_base=group.chunk_base,
             DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
         )
-    _launch_filter(filt, state, device, covariance, plan=plan, table=table, partials=partials, coef=coef,
-                   loss=loss, r=r, alpha_r=alpha_r)
+    slot_chunks = table.slot_chunks
+    if plan.collective is not None:
+        loss, partials = plan.collective.reduce(loss, shards.row_sums(table, partials))
+        slot_chunks = shards.one_chunk_per_slot(table, k, device)
+    _launch_filter(filt, state, device, covariance, plan=plan, slot_chunks=slot_chunks, partials=partials,
+                   coef=coef, loss=loss, r=r, alpha_r=alpha_r)
     return coef
 
 
@@ -275,7 +284,20 @@ def _measured_tables(state: TritonState, kind, plan: StepPlan, arrays, mutated, 
     )
 
 
-def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, qv, x_scale, scale_u) -> None:
+def _predict_tail(state: TritonState, table: tables.Table, dist: Tensor, collective, *, a, qv) -> None:
+    """Leave the scalar part of a predict pending (the next filter kernel applies it), with the
+    distance partials the pass wrote into ``dist``: the table's per-chunk ones, or with DTensor
+    shards on several ranks (``collective``) their owned sum over the ranks and the global n."""
+    n_dist, numel = table.n_chunks, table.numel
+    if collective is not None:
+        mask = shards.chunk_mask(table, collective.owner, dist.device)
+        dist, n_dist, numel = collective.total(dist[:n_dist], mask), 1, collective.numel
+    state.tail = PredictTail(dist=dist, n_dist=n_dist, numel=numel, a=float(a), qv=float(qv))
+    state.predict.defer()
+
+
+def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, qv, x_scale, scale_u,
+                  collective=None) -> None:
     device = state.device
     blocks = blocks_for(device)
     if state.tail is not None and state.predict.deferred:
@@ -302,8 +324,7 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
             num_warps=blocks.num_warps,
         )
     prepared.stage_back(arrays)
-    state.tail = PredictTail(dist=dist, n_dist=table.n_chunks, numel=table.numel, a=float(a), qv=float(qv))
-    state.predict.defer()
+    _predict_tail(state, table, dist, collective, a=a, qv=qv)
 
 
 class TritonBackend:
@@ -353,9 +374,10 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ KOALA-M
     def koala_m_predict(self, params, velocities, averages, filt, state: TritonState, *, a: float,
-                        qv: float) -> None:
+                        qv: float, collective=None) -> None:
         """KOALA-M time update: x += u, u *= a (one pass); the covariance part is deferred."""
-        _predict_pass(params, velocities, averages, filt, state, a=a, qv=qv, x_scale=1.0, scale_u=True)
+        _predict_pass(params, velocities, averages, filt, state, a=a, qv=qv, x_scale=1.0, scale_u=True,
+                      collective=collective)
 
     def koala_m_update(self, plan: StepPlan, velocities, averages, filt, loss: LossInput, state: TritonState, *,
                        r, alpha_r) -> None:
@@ -371,7 +393,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ KOALA-M, fold mode (opt-in)
     def koala_m_predict_deferred(self, params, velocities, averages, filt, state: TritonState, *, a: float,
-                                 qv: float, position_scale: float) -> None:
+                                 qv: float, position_scale: float, collective=None) -> None:
         """Fold mode's explicit predict: x += position_scale·u, the velocity buffer left as is.
 
         In fold mode the velocity buffer holds the posterior velocity u⁺ of the last update;
@@ -379,7 +401,7 @@ class TritonBackend:
         (1 + a + … + a^(j-1))·u⁺.
         """
         _predict_pass(params, velocities, averages, filt, state, a=a, qv=qv, x_scale=position_scale,
-                      scale_u=False)
+                      scale_u=False, collective=collective)
 
     def koala_m_update_folded(self, plan: StepPlan, params, velocities, averages, filt, loss: LossInput,
                               state: TritonState, *, r, alpha_r, a: float, qv: float,
@@ -428,6 +450,4 @@ class TritonBackend:
         _launch_update(all_table, plan, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                        u_scale=velocity_scale, dist=dist, pending=pending)
         prepared.stage_back(arrays)
-        state.tail = PredictTail(dist=dist, n_dist=all_table.n_chunks, numel=all_table.numel, a=float(a),
-                                 qv=float(qv))
-        state.predict.defer()
+        _predict_tail(state, all_table, dist, None if plan.collective is None else plan.collective.predict, a=a, qv=qv)

@@ -224,3 +224,23 @@ def pytest_terminal_summary(terminalreporter):
     else:
         tr.write_sep("-", f"compiled typing: {outcome.checked} interpreted kernel specialisations compile and "
                           f"launch for sm_90 (dry driver, {outcome.seconds:.0f} s)")
+
+
+# ------------------------------------------------------------------ other processes
+def record_in_this_process() -> dict:
+    """Outside pytest (a spawned rank of a distributed test): type this process's interpreted
+    launches as compiled Triton does and record their compile keys. Returns the dict of keys it
+    fills; hand it to ``add_keys`` in the pytest process."""
+    from koala_triton.kernels import launch
+
+    if _State.original_kernel is None:
+        _State.original_kernel = launch.kernel
+        launch.kernel = _kernel_for
+    return _State.keys
+
+
+def add_keys(keys: dict) -> None:
+    """Compile keys reached in another process: checked for sm_90 at the end of the session like
+    this process's own."""
+    for key, test in keys.items():
+        _State.keys.setdefault(key, test)

@@ -56,6 +56,11 @@ class Table:
     #: [k, 2] int64 by slot: (first global chunk, number of chunks); None without slots.
     slot_chunks: Tensor | None
     keep: list = field(default_factory=list)  # host sources of in-flight uploads
+    #: Host: the rows in chunk order (grouped by dtype), and each row's chunk count (by row).
+    row_order: list[int] = field(default_factory=list)
+    row_chunks: list[int] = field(default_factory=list)
+    #: Device tensors derived from the table on demand (``shards.py``), cached with it.
+    derived: dict = field(default_factory=dict)
 
 
 def _dense(t: Tensor) -> bool:
@@ -265,6 +270,7 @@ def table(
     keep: list = []
     groups = []
     slot_chunks = [[0, 0] for _ in range(num_slots)]
+    row_chunks = [0] * len(arrays)
     base = 0
     for dtype, members in by_dtype.items():
         rows, chunks = [], []
@@ -276,6 +282,7 @@ def table(
                 ptrs[COL_G] = ptrs[COL_X]  # never read (masked), but a valid address
             rows.append(ptrs + [numel, slot] + [0] * (NCOL - 6))
             n_row = -(-numel // blocks.chunk)
+            row_chunks[i] = n_row
             if slot >= 0:
                 slot_chunks[slot] = [base + len(chunks), n_row]
             chunks.extend([j, c * blocks.chunk] for c in range(n_row))
@@ -292,4 +299,5 @@ def table(
         base += n_chunks
     slot_tensor = _upload([v for s in slot_chunks for v in s] or [0, 0], device, keep) if num_slots else None
     numel = sum(next(iter(row.values())).numel() for row in arrays)
-    return Table(groups=groups, n_chunks=base, numel=numel, slot_chunks=slot_tensor, keep=keep)
+    return Table(groups=groups, n_chunks=base, numel=numel, slot_chunks=slot_tensor, keep=keep,
+                 row_order=[i for members in by_dtype.values() for i in members], row_chunks=row_chunks)
