@@ -7,7 +7,9 @@ Launches per iteration, independent of the number of tensors (one more norms and
 update launch per extra parameter dtype), and no other device work: KOALA-V update 3 (norms,
 filter, update) and predict 0 (deferred: the filter kernel adds q once per predict); KOALA-M
 predict 1 + update 3; KOALA-M with the fold, update 3 and predict 0. The loss moments are taken
-inside the filter kernel. Nothing here reads a device value on the host.
+inside the filter kernel. Nothing here reads a device value on the host. (With DTensor
+parameters on several ranks, a few torch ops and one all-reduce join the update and KOALA-M's
+predict: ``_measure``, ``_predict_tail``, ``kernels/NOTES.md``.)
 
 Deferred scalar work (counted in ``PredictState.deferred``):
 

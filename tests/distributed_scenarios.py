@@ -296,8 +296,8 @@ class StepProbe(TorchDispatchMode):
 def rank_main(rank: int, world: int, names: list[str], checkpoint_dir: str, examples: tuple = ()) -> dict:
     """Run the named scenarios on this rank (``tests/distributed_launch.run_ranks``), then
     ``koala_triton.examples.ddp.main(argv)`` for each argv of ``examples``: the scenarios'
-    ``Run``s by name, the examples' final losses, and the compile keys of the interpreted
-    Triton launches."""
+    ``Run``s by name, the examples' final losses (or the error an example raised), and the
+    compile keys of the interpreted Triton launches."""
     from koala_triton.examples import ddp
     from tests import compiled_typing
 
@@ -308,5 +308,10 @@ def rank_main(rank: int, world: int, names: list[str], checkpoint_dir: str, exam
         scenario = SCENARIOS[name]
         counter = lambda: StepProbe(forbid_host_reads=scenario.path == "torch")  # noqa: E731
         runs[name] = train(scenario, rank, world, counter=counter, checkpoint_dir=checkpoint_dir)
-    losses = [ddp.main(list(argv)) for argv in examples]
+    losses = []
+    for argv in examples:
+        try:
+            losses.append(ddp.main(list(argv)))
+        except (Exception, SystemExit) as error:  # reported by the test, not the whole run
+            losses.append(repr(error))
     return {"runs": runs, "examples": losses, "compile_keys": dict(keys)}

@@ -136,3 +136,33 @@ def test_a_partial_dtensor_parameter_is_refused_naming_it(variant, one_rank):
     p = DTensor.from_local(torch.zeros(3), one_rank, [Partial()]).requires_grad_()
     with pytest.raises(ValueError, match=r"params: parameter 1 of param group 0 is a DTensor with placement Partial"):
         variant.cls([torch.zeros(2, requires_grad=True), p])
+
+
+def test_row_sums_add_each_tensors_chunk_partials_in_slot_order_across_dtype_groups():
+    """The Triton path's per-tensor sums of a rank's chunk partials (``kernels/shards.py``):
+    rows of three dtypes interleaved (chunks are grouped by dtype, slots are not), an empty
+    tensor, tensors of one and of several chunks. Integer-valued partials: every order of
+    addition is exact, so the sums must equal the slot table's ranges bit for bit."""
+    pytest.importorskip("triton")
+    from koala_triton.kernels import shards, tables
+    from koala_triton.kernels.launch import INTERPRETER_BLOCKS
+
+    specs = [(300, torch.float32), (5, torch.float64), (0, torch.float32), (129, torch.bfloat16),
+             (1, torch.float64), (257, torch.float32), (128, torch.bfloat16)]
+    rows = [{"x": torch.zeros(n, dtype=dtype)} for n, dtype in specs]
+    k = len(rows)
+    table = tables.table(rows, list(range(k)), k, INTERPRETER_BLOCKS, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    partials = torch.randint(-50, 50, (table.n_chunks, 3), generator=g).double()
+    ranges = table.slot_chunks.view(k, 2).tolist()
+    expected = torch.stack([partials[first:first + count].sum(0) for first, count in ranges])
+    assert len(table.groups) == 3 and table.row_order != list(range(k))
+    assert torch.equal(shards.row_sums(table, partials.reshape(-1)), expected)
+    flags = (True, False, True, False, True, True, False)
+    mask = shards.chunk_mask(table, flags, torch.device("cpu"))
+    expected_mask = torch.zeros(table.n_chunks, dtype=torch.bool)
+    for (first, count), flag in zip(ranges, flags):
+        expected_mask[first:first + count] = flag
+    assert torch.equal(mask, expected_mask)
+    one = shards.one_chunk_per_slot(table, k, torch.device("cpu")).view(k, 2)
+    assert one.tolist() == [[i, 1] for i in range(k)]
