@@ -23,18 +23,16 @@ all-reduce of a short float64 vector per update), on the device and without a ho
   distance sum likewise, and its n is the global element count.
 
 When the two groups have the same ranks (FSDP2 on one mesh over all ranks) the loss sums ride
-along with the norms in one all-reduce. Collectives per iteration (each one ``all_reduce``
-of a float64 vector; none on one process, with a group of one rank, or with ``reduce_loss``
-off and no DTensor parameter):
+along with the norms in one all-reduce. Collectives per iteration, each one ``all_reduce`` of a
+float64 vector (k: the tensors with a gradient):
 
-==========================  ======================  =========================================
-parameters                  update                   predict
-==========================  ======================  =========================================
-plain (DDP)                 1: [3] loss sums         0 (replicas: D is the same everywhere)
-DTensor (FSDP2)             1: [3k + 3]              KOALA-M 1: [1] distance sum; fold mode 0
-                                                     (its update reduces the distance: 2)
-DTensor, other loss group   2: [3k] and [3]          as above
-==========================  ======================  =========================================
+- plain parameters (DDP): the update 1 ([3] loss sums), the predict 0 (replicas: KOALA-M's D is
+  the same on every rank);
+- DTensor parameters (FSDP2): the update 1 ([3k + 3]; [3k] with ``reduce_loss`` off; [3k] and
+  [3] when the loss group has other ranks than the mesh), KOALA-M's predict 1 ([1] distance
+  sum; in fold mode the update reduces the distance instead: 2 per update, 0 per predict but
+  the first);
+- none on one process, with groups of one rank, or with ``reduce_loss`` off and no DTensor.
 
 All ranks must make the same calls (every rank steps with the same set of gradients, as DDP
 and FSDP2 guarantee). The filter is replicated: every rank computes it from the same reduced

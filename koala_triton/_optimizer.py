@@ -3,8 +3,10 @@
 Owns what every KOALA variant needs: param-group validation, the one global filter (float64
 device scalars) and its checkpointing, and the predict/update protocol. What it delegates:
 which tensors a step touches (``_plan.StepPlanner``), where the iteration stands
-(``_predict_state.PredictState``), validating the loss (``_loss``), and running the passes (a
-backend, ``_backend.Backend``: the PyTorch or the Triton path, chosen by ``_dispatch``).
+(``_predict_state.PredictState``), validating the loss (``_loss``), running the passes (a
+backend, ``_backend.Backend``: the PyTorch or the Triton path, chosen by ``_dispatch``), and,
+with torch.distributed, making the loss and DTensor parameters' sums global
+(``_distributed.Collectives``).
 """
 
 from __future__ import annotations
@@ -332,6 +334,10 @@ class KoalaOptimizer(Optimizer):
         settings = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         path = "triton" if self._use_triton else "torch"
         extra = ", fold_predict=True" if self._fold_mode() else ""
+        if not self._reduce_loss:
+            extra += ", reduce_loss=False"
+        if self._collectives.process_group is not None:
+            extra += ", process_group=given"
         return "\n".join([lines[0], f"Filter: {settings}, path={path}{extra}", *lines[1:]])
 
     # ------------------------------------------------------------------ subclass hooks

@@ -236,7 +236,7 @@ def _scenarios() -> list[Scenario]:
     (the Triton backend sees only a reduced scalar loss there, whatever the mode). FSDP2 runs
     of default modes and of the fold mode also round-trip a checkpoint after 5 steps. Then:
     an uneven split with a loss floor and the ``observe()`` hand-off on each path, FSDP2 next to
-    a plain replicated layer, and the ``reduce_loss=False`` opt-out."""
+    a plain replicated layer, and the ``reduce_loss=False`` opt-out under DDP and FSDP2."""
     from tests.variants import DEFAULT, VARIANTS, cases
 
     out = []
@@ -252,7 +252,8 @@ def _scenarios() -> list[Scenario]:
         out.append(Scenario(f"ddp-{variant}-uneven-floor-observe-{path}", variant, "ddp", path, split="uneven",
                             handoff="observe", kwargs=(("loss_floor", -0.5),)))
     out.append(Scenario(f"fsdp-mixed-{momentum}-torch", momentum, "fsdp-mixed"))
-    out.append(Scenario(f"ddp-{first}-no-reduce-loss-torch", first, "ddp", kwargs=(("reduce_loss", False),)))
+    for how in ("ddp", "fsdp"):
+        out.append(Scenario(f"{how}-{first}-no-reduce-loss-torch", first, how, kwargs=(("reduce_loss", False),)))
     return out
 
 
