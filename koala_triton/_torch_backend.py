@@ -189,6 +189,10 @@ class TorchBackend:
     def settle(self, filt, state: TorchState) -> None:
         """Nothing is ever deferred here."""
 
+    def cache_info(self, state: TorchState) -> dict[str, int]:
+        """No host-side caches of its own (scratch buffers are kept, not looked up)."""
+        return {}
+
     # ------------------------------------------------------------------ KOALA-V
     def koala_v_predict(self, filt, state: TorchState, *, q: float) -> None:
         """KOALA-V time update: p̂ = p + q."""

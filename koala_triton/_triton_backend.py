@@ -271,7 +271,7 @@ def _measured_tables(state: TritonState, kind, plan: StepPlan, arrays, mutated, 
     blocks = blocks_for(device)
     return tables.prepare(
         state.tables, kind, plan.params, arrays, mutated, keyed=("x", "g"),
-        build=lambda rows: (tables.table(rows, list(range(k)), k, blocks, device),),
+        build=lambda rows, cache: (tables.table(rows, list(range(k)), k, blocks, device, cache),),
     )
 
 
@@ -285,7 +285,7 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
     arrays = {"x": params, "u": velocities, "a": averages}
     prepared = tables.prepare(
         state.tables, "m_all", params, arrays, ("x", "u"), keyed=("x",),
-        build=lambda rows: (tables.table(rows, [-1] * len(rows), 0, blocks, device),),
+        build=lambda rows, cache: (tables.table(rows, [-1] * len(rows), 0, blocks, device, cache),),
     )
     table, = prepared.tables
     dist = _buffer(state, "dist", table.n_chunks, FLOAT, device)
@@ -328,6 +328,13 @@ class TritonBackend:
             return
         for _ in range(state.predict.take_deferred()):
             _kalman.predict_v(filt, state.v_q)
+
+    def cache_info(self, state: TritonState) -> dict[str, int]:
+        """Table cache counters: ``hits`` (a pass found its tables under the step's signature),
+        ``misses`` (tables built: new addresses, sizes or layouts), ``layout_misses`` (of
+        those, builds that also laid out the chunks: new sizes; address changes rebuild only
+        the O(k) rows)."""
+        return state.tables.info()
 
     # ------------------------------------------------------------------ KOALA-V
     def koala_v_predict(self, filt, state: TritonState, *, q: float) -> None:
@@ -406,10 +413,11 @@ class TritonBackend:
             grads[index] = g
         indices = plan.indices
 
-        def build(rows):
+        def build(rows, cache):
             measured = [rows[i] for i in indices]
-            return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device),
-                    tables.table(rows, slot_of, k, blocks, device))
+            return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device,
+                                 cache),
+                    tables.table(rows, slot_of, k, blocks, device, cache))
 
         # A pending predict tail (this fold's predecessor) is applied by the filter kernel
         # below, before the fold pass overwrites its partial sums.
