@@ -79,6 +79,7 @@ class TritonState:
             ``coef`` [k, 3], per-tensor ``sums`` [k, 3], distance partials ``dist`` [c].
         constants: hyper-parameter vectors by value (``_const``), with their pinned host copies.
         pending: [1] int32 device flag: a KOALA-M predict tail is pending.
+        arrivals: [k] int32 per-tensor arrival counts of the norms pass (zero between launches).
         no_slots: [2] int64 stand-in slot table for a filter launch that measures no tensor.
         tail: KOALA-M's predict tail, once a predict pass has run.
         v_q: KOALA-V's q, for the deferred predicts.
@@ -90,6 +91,7 @@ class TritonState:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     constants: dict[tuple, Tensor] = field(default_factory=dict)
     pending: Tensor | None = None
+    arrivals: Tensor | None = None
     no_slots: Tensor | None = None
     tail: PredictTail | None = None
     v_q: float = 0.0
@@ -145,6 +147,14 @@ def _pending(state: TritonState, device: torch.device) -> Tensor:
     return state.pending
 
 
+def _arrivals(state: TritonState, k: int, device: torch.device) -> Tensor:
+    """The norms pass's per-tensor arrival counts: zero, and left zero by every launch (the last
+    program of a tensor resets its count), so a buffer is zeroed only when it is made."""
+    if state.arrivals is None or state.arrivals.numel() < max(k, 1) or state.arrivals.device != device:
+        state.arrivals = torch.zeros(max(k, 1), dtype=torch.int32, device=device)
+    return state.arrivals
+
+
 def _no_slots(state: TritonState, device: torch.device) -> Tensor:
     """An int64 stand-in for the slot-chunk table when no tensor is measured (never read, but
     typed as the real one: a float stand-in would make the kernel's loop bound a float)."""
@@ -172,7 +182,7 @@ def _loss_args(loss: LossInput) -> dict:
     )
 
 
-def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, table=None, partials=None,
+def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, table=None, sums=None,
                    coef=None, loss: LossInput | None = None, r=None, alpha_r=0.9) -> None:
     """The filter kernel: the deferred predict work, then (with ``loss``) the measurement."""
     measure = loss is not None
@@ -200,8 +210,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
         p_slot_chunks=table.slot_chunks if k else _no_slots(state, device),
-        p_partials=partials if measure else dummy,
-        p_sums=_buffer(state, "sums", 3 * k, FLOAT, device) if k else dummy,
+        p_sums=sums if k else dummy,
         p_coef=coef if measure else dummy,
         p_pending=pending,
         p_dist=tail.dist if tail is not None else dummy,
@@ -212,7 +221,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         v_predicts=v_predicts,
         MOMENTUM=covariance.velocity, ADAPTIVE=measure and r is None, MEASURE=measure,
         TAIL=tail is not None, V_PREDICT=v_predicts > 0, FOUND_INF=found_inf is not None,
-        BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
+        BLOCK_T=blocks.block_t, BLOCK_F=blocks.block_f,
     )
 
 
@@ -222,15 +231,18 @@ def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, devi
     blocks = blocks_for(device)
     k = len(plan.params)
     partials = _buffer(state, "partials", 3 * table.n_chunks, FLOAT, device)
+    sums = _buffer(state, "sums", 3 * k, FLOAT, device)
     coef = _buffer(state, "coef", 3 * k, FLOAT, device)
+    arrivals = _arrivals(state, k, device)
     for group, dt, ct in _launch_groups(table):
         launch(
             norms_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
-            **_scale_args(plan, partials), chunk_base=group.chunk_base,
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            **_scale_args(plan, partials), p_slot_chunks=table.slot_chunks, p_sums=sums, p_arrivals=arrivals,
+            chunk_base=group.chunk_base,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SUM_C=blocks.sum_c, num_warps=blocks.num_warps,
         )
-    _launch_filter(filt, state, device, covariance, plan=plan, table=table, partials=partials, coef=coef,
+    _launch_filter(filt, state, device, covariance, plan=plan, table=table, sums=sums, coef=coef,
                    loss=loss, r=r, alpha_r=alpha_r)
     return coef
 

@@ -42,8 +42,8 @@ import time
 import pytest
 
 #: Launch keyword arguments that are block geometry: interpreter values -> the CUDA ones.
-_GEOMETRY = {"BLOCK": "block", "CHUNK": "chunk", "BLOCK_T": "block_t", "BLOCK_C": "block_c",
-             "SUM_T": "sum_t", "SUM_C": "sum_c", "num_warps": "num_warps"}
+_GEOMETRY = {"BLOCK": "block", "CHUNK": "chunk", "BLOCK_T": "block_t", "BLOCK_F": "block_f",
+             "SUM_C": "sum_c", "num_warps": "num_warps"}
 
 
 class _State:

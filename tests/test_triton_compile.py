@@ -35,6 +35,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 def ptx(fn, signature: dict, constexprs: dict) -> str:
     names = list(inspect.signature(fn).parameters)
     sig = {n: signature.get(n, "constexpr") for n in names}
+    constexprs = {k: v for k, v in constexprs.items() if k in names}
     try:
         kernel = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=constexprs), target=TARGET,
                                 options={"enable_fp_fusion": False})  # as launch.py launches them
@@ -45,8 +46,9 @@ def ptx(fn, signature: dict, constexprs: dict) -> str:
     return kernel.asm["ptx"]
 
 
-GEOMETRY = {"CHUNK": CUDA_BLOCKS.chunk, "BLOCK": CUDA_BLOCKS.block}
+GEOMETRY = {"CHUNK": CUDA_BLOCKS.chunk, "BLOCK": CUDA_BLOCKS.block, "SUM_C": CUDA_BLOCKS.sum_c}
 COMMON = {"p_chunks": "*i64", "p_rows": "*i64", "p_wd": "*fp64", "p_coef": "*fp64", "p_partials": "*fp64",
+          "p_slot_chunks": "*i64", "p_sums": "*fp64", "p_arrivals": "*i32",
           "p_dist": "*fp64", "p_pending": "*i32", "p_scale": "*fp32", "chunk_base": "i64", "u_scale": "fp64",
           "avg_weight": "fp64", "x_scale": "fp64", "u_mult": "fp64"}
 PASSES = [
@@ -85,13 +87,13 @@ def test_passes_compile_to_vector_memory_accesses(case, dtype):
 ], ids=["V-vector-predict", "V-bf16-vector", "V-fixed-r-scalar-predict", "M-vector", "M-scalar", "M-settle"])
 def test_filter_kernel_compiles_in_float64(flags, loss_type):
     signature = {n: "*fp64" for n in ["p_pxx", "p_pxu", "p_puu", "p_qx", "p_r", "p_lr", "p_wd",
-                                     "p_eps", "p_partials", "p_sums", "p_coef", "p_dist", "p_const"]}
+                                     "p_eps", "p_sums", "p_coef", "p_dist", "p_const"]}
     signature.update({"p_loss": loss_type, "p_loss_sq": loss_type})
     signature.update({"p_step": "*i64", "p_skipped": "*i64", "p_below": "*i64", "p_found_inf": "*fp32",
                       "p_slot_chunks": "*i64", "p_pending": "*i32",
                       "n_slots": "i32", "n_dist": "i32", "numel_total": "i64",
                       "n_loss": "i32", "loss_stride": "i32", "v_predicts": "i32"})
-    code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t, "BLOCK_C": CUDA_BLOCKS.block_c,
-                                                        "SUM_T": CUDA_BLOCKS.sum_t, "SUM_C": CUDA_BLOCKS.sum_c})
+    code = ptx(filter_module.filter_kernel, signature, {**flags, "BLOCK_T": CUDA_BLOCKS.block_t,
+                                                        "BLOCK_F": CUDA_BLOCKS.block_f})
     assert re.search(r"\.f64", code), "the filter computes in float64"
     assert "sqrt.rn.f64" in code or not flags["MEASURE"] and not flags["TAIL"]

@@ -30,33 +30,33 @@ class Blocks:
         block: elements per tile (one vector op over ``block`` lanes).
         chunk: elements per program; a tensor of n elements owns ceil(n / chunk) programs
             (and as many partial-sum slots). A multiple of ``block``.
-        block_t, block_c: the one-program filter kernel computes gains for block_t tensors at
-            a time, and sweeps flat arrays (losses, distance partials) block_t * block_c at a time.
-        sum_t, sum_c: it sums each tensor's chunk partials sum_t tensors at a time, sum_c chunks
-            of each per step.
+        block_t: the one-program filter kernel reads block_t tensors' sums per step.
+        block_f: it sweeps flat arrays (losses, distance partials) block_f elements per step.
+        sum_c: the norms pass's last program of a tensor adds sum_c of its chunk partials
+            per step.
         num_warps: warps per program of the elementwise passes.
     """
 
     block: int
     chunk: int
     block_t: int
-    block_c: int
-    sum_t: int
+    block_f: int
     sum_c: int
     num_warps: int
 
 
 #: CUDA: 4-warp programs over 16 tiles of 1024 elements (64 KiB of fp32 per tensor array per
 #: program, like torch's multi-tensor apply chunk of 65,536 elements; here 16,384).
-#: The filter kernel's partial sums: [8 tensors x 128 chunks] per step, so GPT-2 small (148
-#: tensors, ~7,600 chunks) takes ~45 steps and ResNet-18 (62 tensors) ~10.
-CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=32, block_c=32, sum_t=8, sum_c=128, num_warps=4)
+#: The filter kernel reads 1024 tensors' sums per step (one step for every model up to 1024
+#: tensors) and sweeps losses and distance partials 1024 at a time; a tensor's last norms
+#: program adds 1024 of its chunk partials per step (GPT-2 small's embedding, ~2,400 chunks: 3).
+CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=1024, block_f=1024, sum_c=1024, num_warps=4)
 #: Interpreter: 64-element tiles, 128-element chunks: a 257-element test tensor spans 3 chunks
 #: (full tiles, a masked tail, a 1-element last chunk) while the interpreter's cost, which is
 #: per program and per tile, stays small.
-#: Partial sums 4 tensors x 2 chunks per step: test tensors span up to 3 chunks, so the walk
-#: takes several steps and partial last steps.
-INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, block_c=8, sum_t=4, sum_c=2, num_warps=1)
+#: Tensors 32 per filter step (the 152-tensor tests take several), flat sweeps of 256, chunk
+#: partials 2 per step (test tensors span up to 3 chunks: several steps, partial last steps).
+INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, block_f=256, sum_c=2, num_warps=1)
 
 
 def blocks_for(device: torch.device) -> Blocks:
