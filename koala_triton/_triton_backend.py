@@ -240,11 +240,17 @@ def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, devi
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
             **_scale_args(plan, partials), p_slot_chunks=table.slot_chunks, p_sums=sums, p_arrivals=arrivals,
             chunk_base=group.chunk_base,
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SUM_C=blocks.sum_c, num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype), SUM_C=blocks.sum_c,
         )
     _launch_filter(filt, state, device, covariance, plan=plan, table=table, sums=sums, coef=coef,
                    loss=loss, r=r, alpha_r=alpha_r)
     return coef
+
+
+def _geometry(blocks, dtype: torch.dtype, *, fold: bool = False) -> dict:
+    """The tile (``BLOCK``) and warps of an elementwise pass over ``dtype`` parameters."""
+    block, warps = blocks.elementwise(dtype.itemsize, fold=fold)
+    return dict(BLOCK=block, num_warps=warps)
 
 
 def _scale_args(plan: StepPlan, stand_in: Tensor) -> dict:
@@ -261,7 +267,7 @@ def _launch_update(table, plan: StepPlan, plan_wd, coef, device, *, momentum, ra
         common = dict(
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef, **_scale_args(plan, coef),
             chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=_AVG_WEIGHT[group.dtype],
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype, fold=fold),
         )
         if fold:
             launch(fold_kernel, (group.n_chunks,), device, p_dist=dist, p_pending=pending, **common)
@@ -310,8 +316,7 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
             predict_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_dist=dist, p_pending=pending,
             chunk_base=group.chunk_base, x_scale=float(x_scale), u_mult=float(a),
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SCALE_U=scale_u,
-            num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype), SCALE_U=scale_u,
         )
     prepared.stage_back(arrays)
     state.tail = PredictTail(dist=dist, n_dist=table.n_chunks, numel=table.numel, a=float(a), qv=float(qv))
