@@ -83,3 +83,6 @@ class Backend(Protocol):
     # both
     def settle(self, filt: dict[str, Tensor], state: BackendState) -> None:
         """Apply deferred scalar filter work now (before anyone reads ``filt``)."""
+
+    def cache_info(self, state: BackendState) -> dict[str, int]:
+        """Counters of the backend's host-side caches (empty where it has none)."""

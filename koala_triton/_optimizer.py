@@ -132,6 +132,16 @@ class KoalaOptimizer(Optimizer):
         self._backend.settle(self._filter, self._state)
         return self._filter
 
+    def cache_info(self) -> dict[str, int]:
+        """Hit and miss counters of the host-side caches a step consults: the step planner's
+        layouts (``layout_hits``, ``layout_misses``) and, on the Triton path, the pointer
+        tables (``table_hits``, ``table_misses``, ``table_layout_misses``). A training loop
+        whose gradients move every step (``zero_grad(set_to_none=True)`` with a fragmented
+        allocator) shows up as table misses; only new parameter sizes cost layout misses."""
+        info = dict(self._planner.info())
+        info.update({f"table_{k}": v for k, v in self._backend.cache_info(self._state).items()})
+        return info
+
     @property
     def uses_triton(self) -> bool:
         """True when steps run the fused Triton kernels, False for the PyTorch path."""

@@ -111,6 +111,12 @@ class StepPlanner:
     _flat: _Flat | None = None
     _layouts: dict = field(default_factory=dict)
     _all_state_lists: tuple | None = None
+    #: steps whose layout came from the cache / had to be built (``info``)
+    layout_hits: int = 0
+    layout_misses: int = 0
+
+    def info(self) -> dict[str, int]:
+        return {"layout_hits": self.layout_hits, "layout_misses": self.layout_misses}
 
     def clear(self) -> None:
         """Forget everything (after ``load_state_dict``: the state tensors were replaced)."""
@@ -179,7 +185,10 @@ class StepPlanner:
                     )
         key = (tuple([g is not None for g in grads]), tuple([grp["weight_decay"] == 0 for grp in param_groups]))
         layout = self._layouts.get(key)
-        if layout is None:
+        if layout is not None:
+            self.layout_hits += 1
+        else:
+            self.layout_misses += 1
             layout = self._new_layout(param_groups, params, grads, group_index)
             if len(self._layouts) >= _MAX_LAYOUTS:
                 self._layouts.clear()

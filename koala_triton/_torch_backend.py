@@ -79,18 +79,31 @@ def scratch(state: TorchState, keys: list[int], like: list[Tensor], *, store: di
 
 def _regularised_directions(plan: StepPlan, buffers: list[Tensor]) -> list[Tensor]:
     """g̃_i = grad_i + wd_i·x_i in compute dtype: the grad itself where no copy is needed,
-    else written into ``buffers[i]``."""
+    else written into ``buffers[i]`` with its non-finite elements zeroed (see ``_sanitised``:
+    a buffer written here is ready to step with; the raw gradient's norm still detects them).
+
+    The sanitising copy is the copy itself (one pass: read g, write the buffer), and weight
+    decay adds one more (read the buffer and x, write the buffer).
+    """
     directions = []
     for i, (p, g, buf) in enumerate(zip(plan.params, plan.grads, buffers)):
         decayed = i >= plan.num_plain
         if not decayed and g.dtype == buf.dtype:
             directions.append(g)
             continue
-        buf.copy_(g)
+        _sanitise_into(g, buf)
         if decayed:
             buf.add_(p, alpha=plan.decay[i - plan.num_plain])
         directions.append(buf)
     return directions
+
+
+def _sanitise_into(d: Tensor, buf: Tensor) -> None:
+    """buf = d with every non-finite element replaced by 0 (widening a 16-bit d)."""
+    if d.dtype == buf.dtype:
+        torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=buf)
+    else:
+        torch.nan_to_num_(buf.copy_(d), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _unscaled(plan: StepPlan, state: TorchState) -> StepPlan:
@@ -138,12 +151,8 @@ def _sanitised(step_directions, buffers) -> list[Tensor]:
     whole step at two passes over the gradient.
     """
     for d, buf in zip(step_directions, buffers):
-        if d is buf:
-            torch.nan_to_num_(buf, nan=0.0, posinf=0.0, neginf=0.0)
-        elif d.dtype == buf.dtype:
-            torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=buf)
-        else:  # low-precision gradient: widen into the float32 buffer first
-            torch.nan_to_num_(buf.copy_(d), nan=0.0, posinf=0.0, neginf=0.0)
+        if d is not buf:  # a buffer is sanitised when written (_regularised_directions)
+            _sanitise_into(d, buf)
     return buffers
 
 
@@ -182,6 +191,10 @@ class TorchBackend:
 
     def settle(self, filt, state: TorchState) -> None:
         """Nothing is ever deferred here."""
+
+    def cache_info(self, state: TorchState) -> dict[str, int]:
+        """No host-side caches of its own (scratch buffers are kept, not looked up)."""
+        return {}
 
     # ------------------------------------------------------------------ KOALA-V
     def koala_v_predict(self, filt, state: TorchState, *, q: float) -> None:

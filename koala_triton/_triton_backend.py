@@ -81,6 +81,7 @@ class TritonState:
             ``coef`` [k, 3], per-tensor ``sums`` [k, 3], distance partials ``dist`` [c].
         constants: hyper-parameter vectors by value (``_const``), with their pinned host copies.
         pending: [1] int32 device flag: a KOALA-M predict tail is pending.
+        arrivals: [k] int32 per-tensor arrival counts of the norms pass (zero between launches).
         no_slots: [2] int64 stand-in slot table for a filter launch that measures no tensor.
         tail: KOALA-M's predict tail, once a predict pass has run.
         v_q: KOALA-V's q, for the deferred predicts.
@@ -92,6 +93,7 @@ class TritonState:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     constants: dict[tuple, Tensor] = field(default_factory=dict)
     pending: Tensor | None = None
+    arrivals: Tensor | None = None
     no_slots: Tensor | None = None
     tail: PredictTail | None = None
     v_q: float = 0.0
@@ -147,6 +149,14 @@ def _pending(state: TritonState, device: torch.device) -> Tensor:
     return state.pending
 
 
+def _arrivals(state: TritonState, k: int, device: torch.device) -> Tensor:
+    """The norms pass's per-tensor arrival counts: zero, and left zero by every launch (the last
+    program of a tensor resets its count), so a buffer is zeroed only when it is made."""
+    if state.arrivals is None or state.arrivals.numel() < max(k, 1) or state.arrivals.device != device:
+        state.arrivals = torch.zeros(max(k, 1), dtype=torch.int32, device=device)
+    return state.arrivals
+
+
 def _no_slots(state: TritonState, device: torch.device) -> Tensor:
     """An int64 stand-in for the slot-chunk table when no tensor is measured (never read, but
     typed as the real one: a float stand-in would make the kernel's loop bound a float)."""
@@ -174,10 +184,11 @@ def _loss_args(loss: LossInput) -> dict:
     )
 
 
-def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, slot_chunks=None, partials=None,
+def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, slot_chunks=None, sums=None,
                    coef=None, loss: LossInput | None = None, r=None, alpha_r=0.9) -> None:
     """The filter kernel: the deferred predict work, then (with ``loss``) the measurement of
-    the per-slot sums of ``partials`` (chunks by slot: ``slot_chunks`` [k, 2])."""
+    the per-tensor ``sums`` [k, 3] (a slot's sums count where ``slot_chunks`` [k, 2] gives it
+    chunks)."""
     measure = loss is not None
     tail = state.tail if covariance.velocity else None
     deferred = state.predict.take_deferred()
@@ -203,8 +214,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, s
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
         p_slot_chunks=slot_chunks if k else _no_slots(state, device),
-        p_partials=partials if measure else dummy,
-        p_sums=_buffer(state, "sums", 3 * k, FLOAT, device) if k else dummy,
+        p_sums=sums if k else dummy,
         p_coef=coef if measure else dummy,
         p_pending=pending,
         p_dist=tail.dist if tail is not None else dummy,
@@ -215,7 +225,7 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, s
         v_predicts=v_predicts,
         MOMENTUM=covariance.velocity, ADAPTIVE=measure and r is None, MEASURE=measure,
         TAIL=tail is not None, V_PREDICT=v_predicts > 0, FOUND_INF=found_inf is not None,
-        BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
+        BLOCK_T=blocks.block_t, BLOCK_F=blocks.block_f,
     )
 
 
@@ -225,25 +235,37 @@ def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, devi
 
     With DTensor shards on several ranks (``plan.collective``), each tensor's partials are
     summed here (``shards.row_sums``) and reduced over the ranks, with the loss, before the
-    filter kernel reads them as one partial per slot."""
+    filter kernel reads them."""
     blocks = blocks_for(device)
     k = len(plan.params)
     partials = _buffer(state, "partials", 3 * table.n_chunks, FLOAT, device)
+    sums = _buffer(state, "sums", 3 * k, FLOAT, device)
     coef = _buffer(state, "coef", 3 * k, FLOAT, device)
+    arrivals = _arrivals(state, k, device)
     for group, dt, ct in _launch_groups(table):
         launch(
             norms_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
-            **_scale_args(plan, partials), chunk_base=group.chunk_base,
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            **_scale_args(plan, partials), p_slot_chunks=table.slot_chunks, p_sums=sums, p_arrivals=arrivals,
+            chunk_base=group.chunk_base,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype), SUM_C=blocks.sum_c,
         )
     slot_chunks = table.slot_chunks
     if plan.collective is not None:
-        loss, partials = plan.collective.reduce(loss, shards.row_sums(table, partials))
+        # each rank's sums cover its shards only: add them over the ranks (a slot without local
+        # chunks has no finished sums here, so they are taken from the partials), and let every
+        # slot count (one chunk each) in the filter kernel
+        loss, sums = plan.collective.reduce(loss, shards.row_sums(table, partials))
         slot_chunks = shards.one_chunk_per_slot(table, k, device)
-    _launch_filter(filt, state, device, covariance, plan=plan, slot_chunks=slot_chunks, partials=partials,
-                   coef=coef, loss=loss, r=r, alpha_r=alpha_r)
+    _launch_filter(filt, state, device, covariance, plan=plan, slot_chunks=slot_chunks, sums=sums, coef=coef,
+                   loss=loss, r=r, alpha_r=alpha_r)
     return coef
+
+
+def _geometry(blocks, dtype: torch.dtype, *, fold: bool = False) -> dict:
+    """The tile (``BLOCK``) and warps of an elementwise pass over ``dtype`` parameters."""
+    block, warps = blocks.elementwise(dtype.itemsize, fold=fold)
+    return dict(BLOCK=block, num_warps=warps)
 
 
 def _scale_args(plan: StepPlan, stand_in: Tensor) -> dict:
@@ -260,7 +282,7 @@ def _launch_update(table, plan: StepPlan, plan_wd, coef, device, *, momentum, ra
         common = dict(
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef, **_scale_args(plan, coef),
             chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=_AVG_WEIGHT[group.dtype],
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype, fold=fold),
         )
         if fold:
             launch(fold_kernel, (group.n_chunks,), device, p_dist=dist, p_pending=pending, **common)
@@ -282,7 +304,7 @@ def _measured_tables(state: TritonState, kind, plan: StepPlan, arrays, mutated, 
     blocks = blocks_for(device)
     return tables.prepare(
         state.tables, kind, plan.params, arrays, mutated, keyed=("x", "g"),
-        build=lambda rows: (tables.table(rows, list(range(k)), k, blocks, device),),
+        build=lambda rows, cache: (tables.table(rows, list(range(k)), k, blocks, device, cache),),
     )
 
 
@@ -309,7 +331,7 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
     arrays = {"x": params, "u": velocities, "a": averages}
     prepared = tables.prepare(
         state.tables, "m_all", params, arrays, ("x", "u"), keyed=("x",),
-        build=lambda rows: (tables.table(rows, [-1] * len(rows), 0, blocks, device),),
+        build=lambda rows, cache: (tables.table(rows, [-1] * len(rows), 0, blocks, device, cache),),
     )
     table, = prepared.tables
     dist = _buffer(state, "dist", table.n_chunks, FLOAT, device)
@@ -322,8 +344,7 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
             predict_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_dist=dist, p_pending=pending,
             chunk_base=group.chunk_base, x_scale=float(x_scale), u_mult=float(a),
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SCALE_U=scale_u,
-            num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype), SCALE_U=scale_u,
         )
     prepared.stage_back(arrays)
     _predict_tail(state, table, dist, collective, a=a, qv=qv)
@@ -351,6 +372,13 @@ class TritonBackend:
             return
         for _ in range(state.predict.take_deferred()):
             _kalman.predict_v(filt, state.v_q)
+
+    def cache_info(self, state: TritonState) -> dict[str, int]:
+        """Table cache counters: ``hits`` (a pass found its tables under the step's signature),
+        ``misses`` (tables built: new addresses, sizes or layouts), ``layout_misses`` (of
+        those, builds that also laid out the chunks: new sizes; address changes rebuild only
+        the O(k) rows)."""
+        return state.tables.info()
 
     # ------------------------------------------------------------------ KOALA-V
     def koala_v_predict(self, filt, state: TritonState, *, q: float) -> None:
@@ -430,10 +458,11 @@ class TritonBackend:
             grads[index] = g
         indices = plan.indices
 
-        def build(rows):
+        def build(rows, cache):
             measured = [rows[i] for i in indices]
-            return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device),
-                    tables.table(rows, slot_of, k, blocks, device))
+            return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device,
+                                 cache),
+                    tables.table(rows, slot_of, k, blocks, device, cache))
 
         # A pending predict tail (this fold's predecessor) is applied by the filter kernel
         # below, before the fold pass overwrites its partial sums.

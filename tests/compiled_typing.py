@@ -42,8 +42,8 @@ import time
 import pytest
 
 #: Launch keyword arguments that are block geometry: interpreter values -> the CUDA ones.
-_GEOMETRY = {"BLOCK": "block", "CHUNK": "chunk", "BLOCK_T": "block_t", "BLOCK_C": "block_c",
-             "SUM_T": "sum_t", "SUM_C": "sum_c", "num_warps": "num_warps"}
+_GEOMETRY = {"BLOCK": "block", "CHUNK": "chunk", "BLOCK_T": "block_t", "BLOCK_F": "block_f",
+             "SUM_C": "sum_c", "num_warps": "num_warps"}
 
 
 class _State:
@@ -108,7 +108,10 @@ def compile_key(fn, kwargs: dict) -> str:
     declared = _declared(fn)
     args = {}
     for name, value in kwargs.items():
-        if name in _GEOMETRY:
+        if name in ("BLOCK", "num_warps") and "DT" in kwargs:  # the CUDA tile and warps of the dtype
+            geometry = CUDA_BLOCKS.elementwise(kwargs["DT"].primitive_bitwidth // 8, fold=fn.__name__ == "fold_kernel")
+            args[name] = ["value", geometry[0] if name == "BLOCK" else geometry[1]]
+        elif name in _GEOMETRY:
             args[name] = ["value", getattr(CUDA_BLOCKS, _GEOMETRY[name])]
         elif isinstance(value, torch.Tensor):
             args[name] = ["tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0]
