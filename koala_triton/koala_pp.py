@@ -70,11 +70,14 @@ class KoalaPlusPlus(KoalaOptimizer):
         symmetric: bool = True,
         loss_floor: float = 0.0,
         fused: bool | None = None,
+        process_group=None,
+        reduce_loss: bool = True,
     ):
         hyper = dict(**_validation.random_walk_settings(sigma=sigma, q=q),
                      symmetric=_validation.check_bool("symmetric", symmetric),
                      **_validation.measurement_settings(r=r, alpha_r=alpha_r, loss_floor=loss_floor))
-        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused,
+                         process_group=process_group, reduce_loss=reduce_loss)
 
     # ------------------------------------------------------------------ per-tensor state
     def add_param_group(self, param_group: dict) -> None:

@@ -55,16 +55,23 @@ from .constants import ALIGN, COL_A, COL_G, COL_NUMEL, COL_SLOT, COL_U, COL_X, N
 
 @triton_kernel
 def norms_kernel(
-    p_chunks, p_rows, p_wd, p_partials, p_scale,
+    p_chunks, p_rows, p_wd, p_partials, p_scale, p_slot_chunks, p_sums, p_arrivals,
     chunk_base,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNSCALE: tl.constexpr,
-    PLUSPLUS: tl.constexpr,
+    PLUSPLUS: tl.constexpr, SUM_C: tl.constexpr,
 ):
-    """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64).
+    """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64), and
+    each tensor's sums of them into ``p_sums[slot, 0:3]``.
 
     ``p_wd`` [k] float64: weight decay by slot; where it is 0 the ‖g̃‖² slot repeats ‖g‖² and
     x is not read. ``PLUSPLUS`` (KOALA++): rows of 5, adding g̃·h and g̃·v (h, v: the row's
-    ``COL_A`` and ``COL_U`` arrays, the previous H and the surrogate) in columns 3 and 4.
+    ``COL_A`` and ``COL_U`` arrays, the previous H and the surrogate) in columns 3 and 4, in
+    the partials and the sums. The tensor's sums are finished by the last of its programs to
+    write its partial (``p_arrivals`` [k] int32, an arrival count per slot, zero before the
+    launch and reset by that program): it adds the tensor's ``p_slot_chunks[slot]`` = (first
+    chunk, chunks) partials in chunk order, SUM_C lanes then one reduction tree, so the result
+    does not depend on which program was last (deterministic, no float atomics), and the work
+    is spread over the tensors instead of one program walking them all.
     """
     i_c = tl.program_id(0).to(tl.int64)
     p_ch = p_chunks + 2 * i_c
@@ -134,6 +141,27 @@ def norms_kernel(
     tl.store(p_out, s_gg)
     tl.store(p_out + 1, s_dd)
     tl.store(p_out + 2, s_xx)
+    # this program's partial is written (by every thread) before it counts as arrived; the
+    # atomic's acquire-release order makes the partials of those before it visible to the last
+    tl.debug_barrier()
+    c_first = tl.load(p_slot_chunks + 2 * i_slot)
+    c_count = tl.load(p_slot_chunks + 2 * i_slot + 1)
+    arrived = tl.atomic_add(p_arrivals + i_slot, 1, sem="acq_rel")
+    if arrived == c_count - 1:
+        if PLUSPLUS:
+            n_cols: tl.constexpr = 5
+        else:
+            n_cols: tl.constexpr = 3
+        o_c = tl.arange(0, SUM_C).to(tl.int64)
+        p_s = p_sums + n_cols * i_slot
+        for col in tl.static_range(n_cols):
+            a_col = tl.full([SUM_C], 0.0, dtype=tl.float64)
+            for c0 in range(0, c_count, SUM_C):
+                m_c = c0 + o_c < c_count
+                a_col += tl.load(p_partials + n_cols * (c_first + c0 + o_c) + col, mask=m_c, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(p_s + col, tl.reduce(a_col, 0, SUM))
+        tl.store(p_arrivals + i_slot, 0)
 
 
 @triton_kernel
