@@ -123,7 +123,7 @@ summarise conformance "$OUT/conformance.xml"
 export KOALA_BENCH_BUDGET_S="${KOALA_BENCH_BUDGET_S:-$(budget "$T_BENCH" 30)}"
 run_part benchmark "$T_BENCH" "$PY" -m pytest bench/test_optimizer_step.py \
     --koala-bench="${KOALA_BENCH:-full}" --koala-device="$DEVICE" \
-    --benchmark-json "$OUT/bench.json" -q -p no:cacheprovider \
+    --benchmark-enable --benchmark-json "$OUT/bench.json" -q -p no:cacheprovider \
     --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name
 summarise benchmark "$OUT/bench.json"
 
