@@ -164,7 +164,7 @@ def digits_task(device: torch.device, steps: int = 600, batch_size: int = 32, ev
 
 def stdlib_lm_task(device: torch.device, steps: int = 400, batch_size: int = 32, eval_every: int = 50,
                    context: int = 64) -> CharLMTask:
-    """A 2-layer, width-64 character transformer (116,833 parameters) on the standard library's
+    """A 2-layer, width-64 character transformer (116,705 parameters) on the standard library's
     top-level modules (every 10th file held out); 400 steps of 32 windows of 64 characters."""
     return CharLMTask("stdlib-lm", "character LM on the Python standard library", data.load_stdlib_text(),
                       context, batch_size, steps, eval_every, torch.device(device))
