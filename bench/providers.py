@@ -11,12 +11,18 @@ An iteration is what one training step costs the optimizer:
 implementation of that algorithm must move); for other dtypes it scales with the element size.
 KOALA-M's floor is the two-pass form with the next predict folded into the update (36 B), what
 ``KoalaM(fold_predict=True)`` moves; its three-pass form (predict as its own pass, the default)
-is 56 B. The benchmarks use weight_decay = 0 for KOALA,
-so KOALA-V's floor is 16 B.
+is 56 B.
+
+Every provider comes twice: as is (weight decay 0; AdamW's torch default 1e-2), and as a
+*paper-recipe* row ``<name>_wd`` with weight decay 5e-4 (the paper's CIFAR recipe; torch's
+SGD and Adam as L2, AdamW decoupled). Weight decay makes KOALA read x in its norms pass too:
+KOALA-V's floor is 16 B without it, 20 B with it; KOALA-M's 36 B either way (x is read there
+already).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +31,8 @@ import torch
 from bench.official_style import OfficialStyleKoalaM, OfficialStyleKoalaV
 
 N_LOSSES = 32
+#: The paper's CIFAR weight decay, used by every ``_wd`` provider.
+RECIPE_WEIGHT_DECAY = 5e-4
 
 
 class ProviderUnavailable(Exception):
@@ -51,6 +59,7 @@ class Provider:
     #: koala_triton's providers: the KOALA variant and mode they run (``tests/variants.py``: "V",
     #: "M-fold"), else None.
     case: str | None = None
+    weight_decay: float | None = None  # None: the provider's default (0, AdamW's 1e-2)
 
 
 def _random_losses(device: torch.device) -> torch.Tensor:
@@ -78,11 +87,11 @@ def _koala_case(case_id: str):
         raise ProviderUnavailable(f"koala_triton is not importable: {exc}") from exc
 
 
-def _koala(case_id: str, fused: bool):
+def _koala(case_id: str, fused: bool, weight_decay: float | None = None):
     def build(params):
         c = _koala_case(case_id)
         try:
-            opt = c.cls(params, fused=fused, **c.kwargs)
+            opt = c.cls(params, fused=fused, **c.kwargs, **_wd(weight_decay))
         except NotImplementedError as exc:
             raise ProviderUnavailable(f"{c.cls.__name__}(fused={fused}): {exc}") from exc
         return koala_stepper(opt, params[0].device)
@@ -95,26 +104,45 @@ def _koala_provider(name: str, label: str, family: str, impl: str, bytes_fp32: i
     return Provider(name, label, family, impl, bytes_fp32, fused, _koala(case_id, fused), case=case_id)
 
 
-def _official(cls):
+def _wd(weight_decay: float | None) -> dict:
+    return {} if weight_decay is None else {"weight_decay": weight_decay}
+
+
+def _official(cls, weight_decay: float | None = None):
     def build(params):
-        return koala_stepper(cls(params), params[0].device)
+        return koala_stepper(cls(params, **_wd(weight_decay)), params[0].device)
     return build
 
 
-def _torch_optim(kind: str, impl: str):
+def _torch_optim(kind: str, impl: str, weight_decay: float | None = None):
     def build(params):
         flags = {"foreach": True} if impl == "foreach" else {"fused": True}
         if kind == "sgdm":
-            opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9, **flags)
+            opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9, **_wd(weight_decay), **flags)
         elif kind == "adam":
-            opt = torch.optim.Adam(params, lr=1e-3, **flags)
+            opt = torch.optim.Adam(params, lr=1e-3, **_wd(weight_decay), **flags)
         else:
-            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, **flags)
+            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2 if weight_decay is None else weight_decay,
+                                    **flags)
         return Stepper(opt, opt.step)
     return build
 
 
-PROVIDERS: dict[str, Provider] = {p.name: p for p in [
+def _recipe(p: "Provider") -> "Provider":
+    """The paper-recipe row of provider ``p``: the same optimizer with weight decay 5e-4."""
+    wd = RECIPE_WEIGHT_DECAY
+    if p.case is not None:
+        build = _koala(p.case, p.impl == "triton", wd)
+    elif p.impl == "official-loop":
+        build = _official(OfficialStyleKoalaV if p.family == "koala_v" else OfficialStyleKoalaM, wd)
+    else:
+        build = _torch_optim(p.family, p.impl, wd)
+    bytes_fp32 = 20 if p.family == "koala_v" else p.bytes_fp32
+    return dataclasses.replace(p, name=p.name + "_wd", label=p.label + ", wd 5e-4", bytes_fp32=bytes_fp32,
+                               build=build, weight_decay=wd)
+
+
+_BASE: dict[str, Provider] = {p.name: p for p in [
     _koala_provider("koala_v_triton", "KoalaV (Triton)", "koala_v", "triton", 16, "V"),
     _koala_provider("koala_v_torch", "KoalaV (PyTorch)", "koala_v", "pytorch", 16, "V"),
     _koala_provider("koala_m_triton", "KoalaM (Triton)", "koala_m", "triton", 36, "M"),
@@ -137,6 +165,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in [
     Provider("adamw_fused", "AdamW (fused)", "adamw", "fused", 28, False,
              _torch_optim("adamw", "fused")),
 ]}
+PROVIDERS: dict[str, Provider] = {**_BASE, **{p.name + "_wd": _recipe(p) for p in _BASE.values()}}
 
 
 def floor_bytes_per_param(provider: Provider, dtype: torch.dtype) -> float:

@@ -90,3 +90,50 @@ def test_host_cost_per_iteration(benchmark, monkeypatch, model, provider):
     if benchmark.stats is not None:
         info["median_us"] = benchmark.stats.stats.median * 1e6
     benchmark.extra_info.update(info)
+
+
+@pytest.mark.koala_bench
+@pytest.mark.skipif(_reason is not None, reason=_reason or "")
+@pytest.mark.parametrize("provider", list(KOALA))
+@pytest.mark.parametrize("model", list(TENSORS))
+def test_host_cost_of_the_ordinary_training_loop(benchmark, monkeypatch, model, provider):
+    """The loop most users write: ``zero_grad(set_to_none=True)``, then fresh gradients every
+    step (here new tensors, as a backward pass makes them), predict, step. Whether a gradient
+    lands at its old address is up to the allocator, so the tables may be rebuilt: the
+    benchmark reports the host cost per iteration and the table cache's hit rate
+    (``cache_info()``) over the timed iterations."""
+    n = TENSORS[model]
+    params = [torch.zeros(1, requires_grad=True) for _ in range(n)]
+    loss = torch.rand(64)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused=True on CPU tensors; not used to run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with dry_launch.dry_cuda(monkeypatch):
+            case = KOALA[provider]
+            opt = case.cls(params, fused=True, **case.kwargs)
+
+            def iterate():
+                opt.zero_grad(set_to_none=True)
+                for p in params:
+                    p.grad = torch.ones(1)
+                opt.predict()
+                opt.step(loss=loss)
+
+            for _ in range(3):
+                iterate()
+            before = opt.cache_info()
+            benchmark.group = f"host cost of the training loop, {model} ({n} tensors)"
+            benchmark.pedantic(iterate, rounds=15, iterations=50, warmup_rounds=1)
+            after = opt.cache_info()
+    finally:
+        torch.set_num_threads(threads)
+    hits = after["table_hits"] - before["table_hits"]
+    misses = after["table_misses"] - before["table_misses"]
+    assert hits + misses > 0
+    info = {"host_provider": provider, "model": model, "tensors": n, "table_hits": hits, "table_misses": misses,
+            "table_hit_rate": hits / (hits + misses),
+            "chunk_layouts_built": after["table_layout_misses"] - before["table_layout_misses"]}
+    if benchmark.stats is not None:
+        info["median_us"] = benchmark.stats.stats.median * 1e6
+    benchmark.extra_info.update(info)

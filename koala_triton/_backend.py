@@ -17,6 +17,11 @@ Arguments shared by the methods:
         ``load_state_dict``.
     params, velocities, averages: [n] every parameter and KOALA-M's ``velocity`` / ``xavg``
         state of each, in the optimizer's flat order.
+    collective: with DTensor parameters on several ranks (FSDP2), the sum over ranks of
+        KOALA-M's distance ‖xavg − x‖² (``_distributed.SumReduction``: the owned entries, and
+        the global element count n); else None. The update's reduction is ``plan.collective``.
+
+Tensors are this rank's: for DTensor parameters the optimizer hands over their local shards.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class Backend(Protocol):
 
     # KOALA-M
     def koala_m_predict(self, params: list[Tensor], velocities: list[Tensor], averages: list[Tensor],
-                        filt: dict[str, Tensor], state: BackendState, *, a: float, qv: float) -> None:
+                        filt: dict[str, Tensor], state: BackendState, *, a: float, qv: float,
+                        collective=None) -> None:
         """Time update of every parameter (x += u, u *= a) and of the covariance."""
 
     def koala_m_update(self, plan: StepPlan, velocities: list[Tensor], averages: list[Tensor],
@@ -65,7 +71,7 @@ class Backend(Protocol):
 
     def koala_m_predict_deferred(self, params: list[Tensor], velocities: list[Tensor], averages: list[Tensor],
                                  filt: dict[str, Tensor], state: BackendState, *, a: float, qv: float,
-                                 position_scale: float) -> None:
+                                 position_scale: float, collective=None) -> None:
         """Fold mode's explicit predict: x += position_scale·u, the velocity buffer kept."""
 
     def koala_m_update_folded(self, plan: StepPlan, params: list[Tensor], velocities: list[Tensor],
@@ -77,3 +83,6 @@ class Backend(Protocol):
     # both
     def settle(self, filt: dict[str, Tensor], state: BackendState) -> None:
         """Apply deferred scalar filter work now (before anyone reads ``filt``)."""
+
+    def cache_info(self, state: BackendState) -> dict[str, int]:
+        """Counters of the backend's host-side caches (empty where it has none)."""

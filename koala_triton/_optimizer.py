@@ -3,8 +3,10 @@
 Owns what every KOALA variant needs: param-group validation, the one global filter (float64
 device scalars) and its checkpointing, and the predict/update protocol. What it delegates:
 which tensors a step touches (``_plan.StepPlanner``), where the iteration stands
-(``_predict_state.PredictState``), validating the loss (``_loss``), and running the passes (a
-backend, ``_backend.Backend``: the PyTorch or the Triton path, chosen by ``_dispatch``).
+(``_predict_state.PredictState``), validating the loss (``_loss``), running the passes (a
+backend, ``_backend.Backend``: the PyTorch or the Triton path, chosen by ``_dispatch``), and,
+with torch.distributed, making the loss and DTensor parameters' sums global
+(``_distributed.Collectives``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _dispatch, _kalman, _loss, _validation
+from . import _dispatch, _distributed, _kalman, _loss, _validation
 from ._loss import LossInput
 from ._plan import StepPlan, StepPlanner
 from ._predict_state import PredictState
@@ -37,8 +39,13 @@ class KoalaOptimizer(Optimizer):
     #: Names of the global (filter) hyper-parameters of the subclass.
     _FILTER_KEYS: tuple[str, ...] = ()
 
-    def __init__(self, params, *, lr, weight_decay, eps, hyper: dict, fused):
+    def __init__(self, params, *, lr, weight_decay, eps, hyper: dict, fused, process_group=None,
+                 reduce_loss: bool = True):
         _validation.check_nonnegative("lr", lr)
+        self._reduce_loss = _validation.check_bool("reduce_loss", reduce_loss)
+        #: torch.distributed: the loss group and the reductions of DTensor parameters' sums
+        #: (``_distributed``); never checkpointed.
+        self._collectives = _distributed.Collectives(process_group, self._reduce_loss)
         defaults = dict(
             lr=lr,
             weight_decay=_validation.check_nonnegative("weight_decay", weight_decay),
@@ -76,8 +83,9 @@ class KoalaOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         # named parameters, as torch.optim accepts them: (name, tensor) pairs
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
-        for p in tensors:
+        for i, p in enumerate(tensors):
             _validation.check_param(p)
+            _distributed.check_param(f"parameter {i} of param group {len(self.param_groups)}", p)
             if self._device is None:
                 self._device = p.device
             elif p.device != self._device:
@@ -99,11 +107,17 @@ class KoalaOptimizer(Optimizer):
 
     def _plan(self) -> StepPlan:
         """The tensors with a gradient this step and their group values (``StepPlanner.plan``),
-        with the gradient scale and inf flag a ``GradScaler`` set on the optimizer, if any."""
+        with the gradient scale and inf flag a ``GradScaler`` set on the optimizer, if any, and
+        the reduction of DTensor parameters' sums over ranks (``_distributed``), if any."""
         plan = self._planner.plan(self.param_groups, self._device)
         plan.grad_scale = getattr(self, "grad_scale", None)
         plan.found_inf = getattr(self, "found_inf", None)
+        plan.collective = self._collectives.step_reduction(plan.layout, self._all_params(), self._device)
         return plan
+
+    def _predict_reduction(self):
+        """The reduction of KOALA-M's distance sum over ranks (DTensor parameters), or None."""
+        return self._collectives.predict_reduction(self._all_params())
 
     # ------------------------------------------------------------------ public protocol
     @property
@@ -117,6 +131,16 @@ class KoalaOptimizer(Optimizer):
         """
         self._backend.settle(self._filter, self._state)
         return self._filter
+
+    def cache_info(self) -> dict[str, int]:
+        """Hit and miss counters of the host-side caches a step consults: the step planner's
+        layouts (``layout_hits``, ``layout_misses``) and, on the Triton path, the pointer
+        tables (``table_hits``, ``table_misses``, ``table_layout_misses``). A training loop
+        whose gradients move every step (``zero_grad(set_to_none=True)`` with a fragmented
+        allocator) shows up as table misses; only new parameter sizes cost layout misses."""
+        info = dict(self._planner.info())
+        info.update({f"table_{k}": v for k, v in self._backend.cache_info(self._state).items()})
+        return info
 
     @property
     def uses_triton(self) -> bool:
@@ -226,7 +250,9 @@ class KoalaOptimizer(Optimizer):
             )
         if not self._predict_state.requested:
             self._implicit_predict()
-        self._measure(loss_in)
+        # torch.distributed: the loss statistics of all ranks (one all-reduce; with DTensor
+        # parameters it rides along with their norms inside the update instead).
+        self._measure(self._collectives.observed_loss(loss_in, self._all_params()))
         self._predict_state.to_posterior(folded=self._fold_mode())
         return result
 
@@ -281,8 +307,9 @@ class KoalaOptimizer(Optimizer):
         self._planner.clear()
 
     # ------------------------------------------------------------------ copies and repr
-    #: Attributes rebuilt from the others when an optimizer is unpickled or deep-copied.
-    _RUNTIME = ("_backend", "_state", "_planner", "_filter", "_predict_state")
+    #: Attributes rebuilt from the others when an optimizer is unpickled or deep-copied (a
+    #: process group cannot be pickled: a copy reduces over the default group).
+    _RUNTIME = ("_backend", "_state", "_planner", "_filter", "_predict_state", "_collectives")
 
     def __getstate__(self) -> dict:
         """Everything ``pickle``/``copy.deepcopy`` need: torch.optim's state and param groups,
@@ -310,12 +337,17 @@ class KoalaOptimizer(Optimizer):
         self._predict_state.load_checkpoint(predict)
         self._planner = StepPlanner(type(self).__name__)
         self._state = self._backend.new_state(self._predict_state, self._device)
+        self._collectives = _distributed.Collectives(None, self.__dict__.setdefault("_reduce_loss", True))
 
     def __repr__(self) -> str:
         lines = super().__repr__().split("\n")
         settings = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         path = "triton" if self._use_triton else "torch"
         extra = ", fold_predict=True" if self._fold_mode() else ""
+        if not self._reduce_loss:
+            extra += ", reduce_loss=False"
+        if self._collectives.process_group is not None:
+            extra += ", process_group=given"
         return "\n".join([lines[0], f"Filter: {settings}, path={path}{extra}", *lines[1:]])
 
     # ------------------------------------------------------------------ subclass hooks

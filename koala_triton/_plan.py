@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._distributed import any_dtensor, local_tensors
+
 FLOAT = torch.float64
 _IS_SPARSE = operator.attrgetter("is_sparse")
 _MAX_LAYOUTS = 8  # patterns churn only with changing frozen sets: keep a few
@@ -35,7 +37,8 @@ class StepLayout:
             vector, host weight decays of the decayed tensors), or None.
         lr: cached (lr of every group, [k] lr vector), or None.
         state_lists: cached per-tensor state lists of ``params`` (KOALA-M's velocities and
-            averages), or None.
+            averages; their local shards for DTensors), or None.
+        sharded: some of ``params`` are DTensors (FSDP2): a plan holds their local shards.
     """
 
     indices: list[int]
@@ -45,6 +48,7 @@ class StepLayout:
     wd_eps: tuple | None = None
     lr: tuple | None = None
     state_lists: tuple | None = None
+    sharded: bool = False
 
 
 @dataclass
@@ -55,7 +59,9 @@ class StepPlan:
     regularised gradient is only formed for the rest.
 
     Attributes:
-        params, grads: [k] lists; grads[i] has params[i]'s shape (dense).
+        params, grads: [k] lists; grads[i] has params[i]'s shape (dense). For DTensor
+            parameters (FSDP2), this rank's local shards (views: updating them updates the
+            parameters); ``layout.params`` holds the parameters themselves.
         indices: [k] position of each tensor in the optimizer's flat parameter list.
         num_plain: how many leading tensors have weight_decay == 0.
         decay: host floats, the weight decay of each of the trailing k - num_plain tensors.
@@ -66,6 +72,8 @@ class StepPlan:
             None when they are not scaled.
         found_inf: a ``GradScaler``'s inf flag (float32 device scalar, non-zero: skip the
             update); None without a scaler.
+        collective: with DTensor parameters on several ranks, the ``_distributed.StepReduction``
+            that makes this rank's per-tensor sums (and the loss) global; else None.
     """
 
     params: list[Tensor]
@@ -79,6 +87,7 @@ class StepPlan:
     layout: StepLayout | None = None
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
+    collective: object | None = None
 
 
 @dataclass
@@ -87,6 +96,7 @@ class _Flat:
     lists: list  # the groups' params lists (held so their ids cannot be reused while cached)
     params: list[Tensor]
     group_index: list[int]
+    sharded: bool = False  # some parameters are DTensors
 
 
 @dataclass
@@ -101,6 +111,12 @@ class StepPlanner:
     _flat: _Flat | None = None
     _layouts: dict = field(default_factory=dict)
     _all_state_lists: tuple | None = None
+    #: steps whose layout came from the cache / had to be built (``info``)
+    layout_hits: int = 0
+    layout_misses: int = 0
+
+    def info(self) -> dict[str, int]:
+        return {"layout_hits": self.layout_hits, "layout_misses": self.layout_misses}
 
     def clear(self) -> None:
         """Forget everything (after ``load_state_dict``: the state tensors were replaced)."""
@@ -122,22 +138,28 @@ class StepPlanner:
             params.extend(ps)
             group_index.extend([gi] * len(ps))
         self.clear()
-        self._flat = _Flat(key, lists, params, group_index)
+        self._flat = _Flat(key, lists, params, group_index, any_dtensor(params))
         return params, group_index
 
     def all_state_lists(self, param_groups: list[dict], state, keys: tuple[str, ...]) -> tuple:
-        """(params, then per key the list of ``state[p][key]`` of every parameter), cached."""
+        """(params, then per key the list of ``state[p][key]`` of every parameter), cached; for
+        DTensor parameters their local shards (the parameters' taken each call: FSDP2 may
+        replace a parameter's local view)."""
         params, _ = self.flat(param_groups)  # first: a rebuilt flat list clears the caches
+        sharded = self._flat.sharded
         if self._all_state_lists is None:
-            self._all_state_lists = tuple([state[p][key] for p in params] for key in keys)
-        return (params, *self._all_state_lists)
+            lists = tuple([state[p][key] for p in params] for key in keys)
+            self._all_state_lists = tuple(local_tensors(ts) for ts in lists) if sharded else lists
+        return (local_tensors(params) if sharded else params, *self._all_state_lists)
 
     @staticmethod
     def state_lists(plan: StepPlan, state, keys: tuple[str, ...]) -> tuple:
-        """Per key the list of ``state[p][key]`` of the plan's tensors, cached in its layout."""
+        """Per key the list of ``state[p][key]`` of the plan's tensors (their local shards for
+        DTensors), cached in its layout."""
         layout = plan.layout
         if layout.state_lists is None:
-            layout.state_lists = tuple([state[p][key] for p in plan.params] for key in keys)
+            lists = tuple([state[p][key] for p in layout.params] for key in keys)
+            layout.state_lists = tuple(local_tensors(ts) for ts in lists) if layout.sharded else lists
         return layout.state_lists
 
     # ------------------------------------------------------------------ a step
@@ -163,7 +185,10 @@ class StepPlanner:
                     )
         key = (tuple([g is not None for g in grads]), tuple([grp["weight_decay"] == 0 for grp in param_groups]))
         layout = self._layouts.get(key)
-        if layout is None:
+        if layout is not None:
+            self.layout_hits += 1
+        else:
+            self.layout_misses += 1
             layout = self._new_layout(param_groups, params, grads, group_index)
             if len(self._layouts) >= _MAX_LAYOUTS:
                 self._layouts.clear()
@@ -172,7 +197,10 @@ class StepPlanner:
         if any(map(_IS_SPARSE, step_grads)):  # a layout built from dense ones is reused
             self._refuse_sparse_gradients()
         lr, wd, eps, decay = self._group_vectors(param_groups, layout, device)
-        return StepPlan(params=layout.params, grads=step_grads, indices=layout.indices,
+        step_params = layout.params
+        if layout.sharded:  # FSDP2: the passes work on this rank's shards
+            step_params, step_grads = local_tensors(step_params), local_tensors(step_grads)
+        return StepPlan(params=step_params, grads=step_grads, indices=layout.indices,
                         num_plain=layout.num_plain, decay=decay, lr=lr, weight_decay=wd, eps=eps,
                         layout=layout)
 
@@ -187,8 +215,9 @@ class StepPlanner:
                 raise RuntimeError(f"grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}")
             (plain if param_groups[gi]["weight_decay"] == 0 else decayed).append(flat)
         indices = plain + decayed
-        return StepLayout(indices=indices, params=[params[i] for i in indices],
-                          group_of=[group_index[i] for i in indices], num_plain=len(plain))
+        step_params = [params[i] for i in indices]
+        return StepLayout(indices=indices, params=step_params, group_of=[group_index[i] for i in indices],
+                          num_plain=len(plain), sharded=any_dtensor(step_params))
 
     def _refuse_sparse_gradients(self):
         raise RuntimeError(f"{self.optimizer_name} does not support sparse gradients")

@@ -79,18 +79,31 @@ def scratch(state: TorchState, keys: list[int], like: list[Tensor], *, store: di
 
 def _regularised_directions(plan: StepPlan, buffers: list[Tensor]) -> list[Tensor]:
     """g̃_i = grad_i + wd_i·x_i in compute dtype: the grad itself where no copy is needed,
-    else written into ``buffers[i]``."""
+    else written into ``buffers[i]`` with its non-finite elements zeroed (see ``_sanitised``:
+    a buffer written here is ready to step with; the raw gradient's norm still detects them).
+
+    The sanitising copy is the copy itself (one pass: read g, write the buffer), and weight
+    decay adds one more (read the buffer and x, write the buffer).
+    """
     directions = []
     for i, (p, g, buf) in enumerate(zip(plan.params, plan.grads, buffers)):
         decayed = i >= plan.num_plain
         if not decayed and g.dtype == buf.dtype:
             directions.append(g)
             continue
-        buf.copy_(g)
+        _sanitise_into(g, buf)
         if decayed:
             buf.add_(p, alpha=plan.decay[i - plan.num_plain])
         directions.append(buf)
     return directions
+
+
+def _sanitise_into(d: Tensor, buf: Tensor) -> None:
+    """buf = d with every non-finite element replaced by 0 (widening a 16-bit d)."""
+    if d.dtype == buf.dtype:
+        torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=buf)
+    else:
+        torch.nan_to_num_(buf.copy_(d), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _unscaled(plan: StepPlan, state: TorchState) -> StepPlan:
@@ -105,15 +118,19 @@ def _unscaled(plan: StepPlan, state: TorchState) -> StepPlan:
     return dataclasses.replace(plan, grads=bufs, grad_scale=None)
 
 
-def _measurement(plan: StepPlan, directions, loss, loss_sq_mean, device) -> _kalman.Measurement:
+def _measurement(plan: StepPlan, directions, loss: LossInput, device) -> _kalman.Measurement:
     plain = plan.num_plain
     grad_sq = squared_norms(plan.grads, device)
     reg_grad_sq = torch.cat([grad_sq[:plain], squared_norms(directions[plain:], device)])
     param_sq = torch.cat(
         [torch.zeros(plain, dtype=FLOAT, device=device), squared_norms(plan.params[plain:], device)]
     )
+    if plan.collective is not None:  # DTensor shards on several ranks: the tensors' sums, and the loss
+        loss, sums = plan.collective.reduce(loss, torch.stack([grad_sq, reg_grad_sq, param_sq], 1))
+        grad_sq, reg_grad_sq, param_sq = sums.unbind(1)
+    loss_mean, loss_sq_mean = loss.moments()
     return _kalman.Measurement(
-        loss=loss,
+        loss=loss_mean,
         loss_sq_mean=loss_sq_mean,
         grad_sq=grad_sq,
         reg_grad_sq=reg_grad_sq,
@@ -134,12 +151,8 @@ def _sanitised(step_directions, buffers) -> list[Tensor]:
     whole step at two passes over the gradient.
     """
     for d, buf in zip(step_directions, buffers):
-        if d is buf:
-            torch.nan_to_num_(buf, nan=0.0, posinf=0.0, neginf=0.0)
-        elif d.dtype == buf.dtype:
-            torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, out=buf)
-        else:  # low-precision gradient: widen into the float32 buffer first
-            torch.nan_to_num_(buf.copy_(d), nan=0.0, posinf=0.0, neginf=0.0)
+        if d is not buf:  # a buffer is sanitised when written (_regularised_directions)
+            _sanitise_into(d, buf)
     return buffers
 
 
@@ -149,11 +162,10 @@ def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: To
 
     Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
     device = filt["R"].device
-    loss_mean, loss_sq_mean = loss.moments()
     plan = _unscaled(plan, state)
     buffers = scratch(state, plan.indices, plan.params)
     directions = _regularised_directions(plan, buffers)
-    m = _measurement(plan, directions, loss_mean, loss_sq_mean, device)
+    m = _measurement(plan, directions, loss, device)
     gains = _kalman.measure(filt, m, covariance, r=r, alpha_r=alpha_r)
     steps = _sanitised(plan.grads if raw_grad_step else directions, buffers)
     if steps:
@@ -180,6 +192,10 @@ class TorchBackend:
     def settle(self, filt, state: TorchState) -> None:
         """Nothing is ever deferred here."""
 
+    def cache_info(self, state: TorchState) -> dict[str, int]:
+        """No host-side caches of its own (scratch buffers are kept, not looked up)."""
+        return {}
+
     # ------------------------------------------------------------------ KOALA-V
     def koala_v_predict(self, filt, state: TorchState, *, q: float) -> None:
         """KOALA-V time update: p̂ = p + q."""
@@ -193,7 +209,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ KOALA-M
     def koala_m_predict(self, params, velocities, averages, filt, state: TorchState, *, a: float,
-                        qv: float) -> None:
+                        qv: float, collective=None) -> None:
         """KOALA-M time update of every parameter: x += u, u *= a, and P̂ = F P Fᵀ + Q."""
         device = filt["Pxx"].device
         numel = sum(p.numel() for p in params)
@@ -204,7 +220,12 @@ class TorchBackend:
                     torch.sub(avg, p, out=gap)
                 else:  # low precision: form the difference in float32
                     gap.copy_(avg).sub_(p)
-            distance = squared_norms(gaps, device).sum().sqrt() / max(numel, 1)
+            gap_sq = squared_norms(gaps, device)
+            if collective is None:
+                total = gap_sq.sum()
+            else:  # DTensor shards: the sum and the element count over all ranks
+                total, numel = collective.total(gap_sq, collective.mask(device)).reshape(()), collective.numel
+            distance = total.sqrt() / max(numel, 1)
             torch._foreach_add_(params, velocities)
             # A Python float would be rounded to a 16-bit velocity's dtype first (0.9 ->
             # 0.8984375 in bfloat16); a float64 device scalar keeps the product correctly
@@ -235,7 +256,8 @@ class TorchBackend:
                 gap = steps[i].copy_(p).sub_(averages[i])
                 averages[i].addcmul_(gap, weights[i])
 
-    def koala_m_predict_deferred(self, params, velocities, averages, filt, state, *, a, qv, position_scale):
+    def koala_m_predict_deferred(self, params, velocities, averages, filt, state, *, a, qv, position_scale,
+                                 collective=None):
         raise _fold_unsupported()
 
     def koala_m_update_folded(self, plan, params, velocities, averages, filt, loss, state, *, r, alpha_r, a, qv,

@@ -7,7 +7,9 @@ Launches per iteration, independent of the number of tensors (one more norms and
 update launch per extra parameter dtype), and no other device work: KOALA-V update 3 (norms,
 filter, update) and predict 0 (deferred: the filter kernel adds q once per predict); KOALA-M
 predict 1 + update 3; KOALA-M with the fold, update 3 and predict 0. The loss moments are taken
-inside the filter kernel. Nothing here reads a device value on the host.
+inside the filter kernel. Nothing here reads a device value on the host. (With DTensor
+parameters on several ranks, a few torch ops and one all-reduce join the update and KOALA-M's
+predict: ``_measure``, ``_predict_tail``, ``kernels/NOTES.md``.)
 
 Deferred scalar work (counted in ``PredictState.deferred``):
 
@@ -34,7 +36,7 @@ from ._kalman import ISOTROPIC, MOMENTUM
 from ._loss import LossInput
 from ._plan import StepPlan
 from ._predict_state import PredictState
-from .kernels import tables
+from .kernels import shards, tables
 from .kernels.kalman import filter_kernel
 from .kernels.launch import blocks_for, launch
 from .kernels.passes import fold_kernel, norms_kernel, predict_kernel, update_kernel
@@ -79,6 +81,7 @@ class TritonState:
             ``coef`` [k, 3], per-tensor ``sums`` [k, 3], distance partials ``dist`` [c].
         constants: hyper-parameter vectors by value (``_const``), with their pinned host copies.
         pending: [1] int32 device flag: a KOALA-M predict tail is pending.
+        arrivals: [k] int32 per-tensor arrival counts of the norms pass (zero between launches).
         no_slots: [2] int64 stand-in slot table for a filter launch that measures no tensor.
         tail: KOALA-M's predict tail, once a predict pass has run.
         v_q: KOALA-V's q, for the deferred predicts.
@@ -90,6 +93,7 @@ class TritonState:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     constants: dict[tuple, Tensor] = field(default_factory=dict)
     pending: Tensor | None = None
+    arrivals: Tensor | None = None
     no_slots: Tensor | None = None
     tail: PredictTail | None = None
     v_q: float = 0.0
@@ -145,6 +149,14 @@ def _pending(state: TritonState, device: torch.device) -> Tensor:
     return state.pending
 
 
+def _arrivals(state: TritonState, k: int, device: torch.device) -> Tensor:
+    """The norms pass's per-tensor arrival counts: zero, and left zero by every launch (the last
+    program of a tensor resets its count), so a buffer is zeroed only when it is made."""
+    if state.arrivals is None or state.arrivals.numel() < max(k, 1) or state.arrivals.device != device:
+        state.arrivals = torch.zeros(max(k, 1), dtype=torch.int32, device=device)
+    return state.arrivals
+
+
 def _no_slots(state: TritonState, device: torch.device) -> Tensor:
     """An int64 stand-in for the slot-chunk table when no tensor is measured (never read, but
     typed as the real one: a float stand-in would make the kernel's loop bound a float)."""
@@ -172,9 +184,11 @@ def _loss_args(loss: LossInput) -> dict:
     )
 
 
-def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, table=None, partials=None,
+def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, slot_chunks=None, sums=None,
                    coef=None, loss: LossInput | None = None, r=None, alpha_r=0.9) -> None:
-    """The filter kernel: the deferred predict work, then (with ``loss``) the measurement."""
+    """The filter kernel: the deferred predict work, then (with ``loss``) the measurement of
+    the per-tensor ``sums`` [k, 3] (a slot's sums count where ``slot_chunks`` [k, 2] gives it
+    chunks)."""
     measure = loss is not None
     tail = state.tail if covariance.velocity else None
     deferred = state.predict.take_deferred()
@@ -199,9 +213,8 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         p_below=filt["below_floor_steps"], p_found_inf=found_inf if found_inf is not None else dummy,
         **loss_args,
         p_lr=plan.lr if k else dummy, p_wd=plan.weight_decay if k else dummy, p_eps=plan.eps if k else dummy,
-        p_slot_chunks=table.slot_chunks if k else _no_slots(state, device),
-        p_partials=partials if measure else dummy,
-        p_sums=_buffer(state, "sums", 3 * k, FLOAT, device) if k else dummy,
+        p_slot_chunks=slot_chunks if k else _no_slots(state, device),
+        p_sums=sums if k else dummy,
         p_coef=coef if measure else dummy,
         p_pending=pending,
         p_dist=tail.dist if tail is not None else dummy,
@@ -212,27 +225,47 @@ def _launch_filter(filt, state: TritonState, device, covariance, *, plan=None, t
         v_predicts=v_predicts,
         MOMENTUM=covariance.velocity, ADAPTIVE=measure and r is None, MEASURE=measure,
         TAIL=tail is not None, V_PREDICT=v_predicts > 0, FOUND_INF=found_inf is not None,
-        BLOCK_T=blocks.block_t, BLOCK_C=blocks.block_c, SUM_T=blocks.sum_t, SUM_C=blocks.sum_c,
+        BLOCK_T=blocks.block_t, BLOCK_F=blocks.block_f,
     )
 
 
 def _measure(plan: StepPlan, table: tables.Table, filt, state: TritonState, device, covariance, *,
              loss: LossInput, r, alpha_r) -> Tensor:
-    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3]."""
+    """Norms pass (one launch per dtype group) and the filter kernel; returns the gains [k, 3].
+
+    With DTensor shards on several ranks (``plan.collective``), each tensor's partials are
+    summed here (``shards.row_sums``) and reduced over the ranks, with the loss, before the
+    filter kernel reads them."""
     blocks = blocks_for(device)
     k = len(plan.params)
     partials = _buffer(state, "partials", 3 * table.n_chunks, FLOAT, device)
+    sums = _buffer(state, "sums", 3 * k, FLOAT, device)
     coef = _buffer(state, "coef", 3 * k, FLOAT, device)
+    arrivals = _arrivals(state, k, device)
     for group, dt, ct in _launch_groups(table):
         launch(
             norms_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan.weight_decay, p_partials=partials,
-            **_scale_args(plan, partials), chunk_base=group.chunk_base,
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            **_scale_args(plan, partials), p_slot_chunks=table.slot_chunks, p_sums=sums, p_arrivals=arrivals,
+            chunk_base=group.chunk_base,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype), SUM_C=blocks.sum_c,
         )
-    _launch_filter(filt, state, device, covariance, plan=plan, table=table, partials=partials, coef=coef,
+    slot_chunks = table.slot_chunks
+    if plan.collective is not None:
+        # each rank's sums cover its shards only: add them over the ranks (a slot without local
+        # chunks has no finished sums here, so they are taken from the partials), and let every
+        # slot count (one chunk each) in the filter kernel
+        loss, sums = plan.collective.reduce(loss, shards.row_sums(table, partials))
+        slot_chunks = shards.one_chunk_per_slot(table, k, device)
+    _launch_filter(filt, state, device, covariance, plan=plan, slot_chunks=slot_chunks, sums=sums, coef=coef,
                    loss=loss, r=r, alpha_r=alpha_r)
     return coef
+
+
+def _geometry(blocks, dtype: torch.dtype, *, fold: bool = False) -> dict:
+    """The tile (``BLOCK``) and warps of an elementwise pass over ``dtype`` parameters."""
+    block, warps = blocks.elementwise(dtype.itemsize, fold=fold)
+    return dict(BLOCK=block, num_warps=warps)
 
 
 def _scale_args(plan: StepPlan, stand_in: Tensor) -> dict:
@@ -249,7 +282,7 @@ def _launch_update(table, plan: StepPlan, plan_wd, coef, device, *, momentum, ra
         common = dict(
             p_chunks=group.chunks, p_rows=group.rows, p_wd=plan_wd, p_coef=coef, **_scale_args(plan, coef),
             chunk_base=group.chunk_base, u_scale=float(u_scale), avg_weight=_AVG_WEIGHT[group.dtype],
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype, fold=fold),
         )
         if fold:
             launch(fold_kernel, (group.n_chunks,), device, p_dist=dist, p_pending=pending, **common)
@@ -271,11 +304,24 @@ def _measured_tables(state: TritonState, kind, plan: StepPlan, arrays, mutated, 
     blocks = blocks_for(device)
     return tables.prepare(
         state.tables, kind, plan.params, arrays, mutated, keyed=("x", "g"),
-        build=lambda rows: (tables.table(rows, list(range(k)), k, blocks, device),),
+        build=lambda rows, cache: (tables.table(rows, list(range(k)), k, blocks, device, cache),),
     )
 
 
-def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, qv, x_scale, scale_u) -> None:
+def _predict_tail(state: TritonState, table: tables.Table, dist: Tensor, collective, *, a, qv) -> None:
+    """Leave the scalar part of a predict pending (the next filter kernel applies it), with the
+    distance partials the pass wrote into ``dist``: the table's per-chunk ones, or with DTensor
+    shards on several ranks (``collective``) their owned sum over the ranks and the global n."""
+    n_dist, numel = table.n_chunks, table.numel
+    if collective is not None:
+        mask = shards.chunk_mask(table, collective.owner, dist.device)
+        dist, n_dist, numel = collective.total(dist[:n_dist], mask), 1, collective.numel
+    state.tail = PredictTail(dist=dist, n_dist=n_dist, numel=numel, a=float(a), qv=float(qv))
+    state.predict.defer()
+
+
+def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, qv, x_scale, scale_u,
+                  collective=None) -> None:
     device = state.device
     blocks = blocks_for(device)
     if state.tail is not None and state.predict.deferred:
@@ -285,7 +331,7 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
     arrays = {"x": params, "u": velocities, "a": averages}
     prepared = tables.prepare(
         state.tables, "m_all", params, arrays, ("x", "u"), keyed=("x",),
-        build=lambda rows: (tables.table(rows, [-1] * len(rows), 0, blocks, device),),
+        build=lambda rows, cache: (tables.table(rows, [-1] * len(rows), 0, blocks, device, cache),),
     )
     table, = prepared.tables
     dist = _buffer(state, "dist", table.n_chunks, FLOAT, device)
@@ -298,12 +344,10 @@ def _predict_pass(params, velocities, averages, filt, state: TritonState, *, a, 
             predict_kernel, (group.n_chunks,), device,
             p_chunks=group.chunks, p_rows=group.rows, p_dist=dist, p_pending=pending,
             chunk_base=group.chunk_base, x_scale=float(x_scale), u_mult=float(a),
-            DT=dt, CT=ct, CHUNK=blocks.chunk, BLOCK=blocks.block, SCALE_U=scale_u,
-            num_warps=blocks.num_warps,
+            DT=dt, CT=ct, CHUNK=blocks.chunk, **_geometry(blocks, group.dtype), SCALE_U=scale_u,
         )
     prepared.stage_back(arrays)
-    state.tail = PredictTail(dist=dist, n_dist=table.n_chunks, numel=table.numel, a=float(a), qv=float(qv))
-    state.predict.defer()
+    _predict_tail(state, table, dist, collective, a=a, qv=qv)
 
 
 class TritonBackend:
@@ -329,6 +373,13 @@ class TritonBackend:
         for _ in range(state.predict.take_deferred()):
             _kalman.predict_v(filt, state.v_q)
 
+    def cache_info(self, state: TritonState) -> dict[str, int]:
+        """Table cache counters: ``hits`` (a pass found its tables under the step's signature),
+        ``misses`` (tables built: new addresses, sizes or layouts), ``layout_misses`` (of
+        those, builds that also laid out the chunks: new sizes; address changes rebuild only
+        the O(k) rows)."""
+        return state.tables.info()
+
     # ------------------------------------------------------------------ KOALA-V
     def koala_v_predict(self, filt, state: TritonState, *, q: float) -> None:
         """KOALA-V time update, deferred: counted on the host (no launch); the next filter
@@ -353,9 +404,10 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ KOALA-M
     def koala_m_predict(self, params, velocities, averages, filt, state: TritonState, *, a: float,
-                        qv: float) -> None:
+                        qv: float, collective=None) -> None:
         """KOALA-M time update: x += u, u *= a (one pass); the covariance part is deferred."""
-        _predict_pass(params, velocities, averages, filt, state, a=a, qv=qv, x_scale=1.0, scale_u=True)
+        _predict_pass(params, velocities, averages, filt, state, a=a, qv=qv, x_scale=1.0, scale_u=True,
+                      collective=collective)
 
     def koala_m_update(self, plan: StepPlan, velocities, averages, filt, loss: LossInput, state: TritonState, *,
                        r, alpha_r) -> None:
@@ -371,7 +423,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ KOALA-M, fold mode (opt-in)
     def koala_m_predict_deferred(self, params, velocities, averages, filt, state: TritonState, *, a: float,
-                                 qv: float, position_scale: float) -> None:
+                                 qv: float, position_scale: float, collective=None) -> None:
         """Fold mode's explicit predict: x += position_scale·u, the velocity buffer left as is.
 
         In fold mode the velocity buffer holds the posterior velocity u⁺ of the last update;
@@ -379,7 +431,7 @@ class TritonBackend:
         (1 + a + … + a^(j-1))·u⁺.
         """
         _predict_pass(params, velocities, averages, filt, state, a=a, qv=qv, x_scale=position_scale,
-                      scale_u=False)
+                      scale_u=False, collective=collective)
 
     def koala_m_update_folded(self, plan: StepPlan, params, velocities, averages, filt, loss: LossInput,
                               state: TritonState, *, r, alpha_r, a: float, qv: float,
@@ -406,10 +458,11 @@ class TritonBackend:
             grads[index] = g
         indices = plan.indices
 
-        def build(rows):
+        def build(rows, cache):
             measured = [rows[i] for i in indices]
-            return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device),
-                    tables.table(rows, slot_of, k, blocks, device))
+            return (tables.table([{"x": r_["x"], "g": r_["g"]} for r_ in measured], list(range(k)), k, blocks, device,
+                                 cache),
+                    tables.table(rows, slot_of, k, blocks, device, cache))
 
         # A pending predict tail (this fold's predecessor) is applied by the filter kernel
         # below, before the fold pass overwrites its partial sums.
@@ -428,6 +481,4 @@ class TritonBackend:
         _launch_update(all_table, plan, plan.weight_decay if k else coef, coef, device, momentum=True, fold=True,
                        u_scale=velocity_scale, dist=dist, pending=pending)
         prepared.stage_back(arrays)
-        state.tail = PredictTail(dist=dist, n_dist=all_table.n_chunks, numel=all_table.numel, a=float(a),
-                                 qv=float(qv))
-        state.predict.defer()
+        _predict_tail(state, all_table, dist, None if plan.collective is None else plan.collective.predict, a=a, qv=qv)

@@ -35,7 +35,8 @@ class KoalaM(KoalaOptimizer):
         a: velocity decay in [0, 1].
         qw: initial process noise of the weights (then adapted, see above).
         qv: process noise of the velocities.
-        r, alpha_r, weight_decay, eps, loss_floor, fused: as in :class:`KoalaV`.
+        r, alpha_r, weight_decay, eps, loss_floor, fused, process_group, reduce_loss: as in
+            :class:`KoalaV`.
         fold_predict: Triton path only (opt-in). Each update also performs the *next*
             predict's elementwise part in the same pass (36 instead of 56 bytes per fp32
             parameter per step); :meth:`predict` after an update then does nothing. Between
@@ -71,6 +72,8 @@ class KoalaM(KoalaOptimizer):
         loss_floor: float = 0.0,
         fused: bool | None = None,
         fold_predict: bool = False,
+        process_group=None,
+        reduce_loss: bool = True,
     ):
         sw_f = _validation.check_nonnegative("sw", sw)
         sv_f = _validation.check_nonnegative("sv", sv)
@@ -88,7 +91,8 @@ class KoalaM(KoalaOptimizer):
             loss_floor=_validation.check_finite("loss_floor", loss_floor),
         )
         fold = _validation.check_bool("fold_predict", fold_predict)
-        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused,
+                         process_group=process_group, reduce_loss=reduce_loss)
         if fold and not self._backend.supports_fold:
             raise ValueError(
                 "fold_predict=True folds predict into the Triton update pass: it needs the Triton "
@@ -116,13 +120,15 @@ class KoalaM(KoalaOptimizer):
     def _predict(self) -> None:
         params, velocities, averages = self._planner.all_state_lists(self.param_groups, self.state, self._STATE_KEYS)
         h = self._hyper
+        collective = self._predict_reduction()
         if self._fold:  # a predict the last update did not perform (the first, or a second one)
             self._backend.koala_m_predict_deferred(
                 params, velocities, averages, self._filter, self._state, a=h["a"], qv=h["qv"],
-                position_scale=h["a"] ** self._predict_state.time_updates,
+                position_scale=h["a"] ** self._predict_state.time_updates, collective=collective,
             )
             return
-        self._backend.koala_m_predict(params, velocities, averages, self._filter, self._state, a=h["a"], qv=h["qv"])
+        self._backend.koala_m_predict(params, velocities, averages, self._filter, self._state, a=h["a"], qv=h["qv"],
+                                      collective=collective)
 
     def _implicit_predict(self) -> None:
         if self._predict_state.folded:  # fold mode: the last update already predicted, no warning

@@ -37,6 +37,11 @@ class KoalaV(KoalaOptimizer):
             log-likelihoods of densities, set f to their bound).
         fused: None (Triton kernels for CUDA params when available), True (require them),
             False (PyTorch path).
+        process_group: torch.distributed: the group whose ranks' losses one update observes
+            together (default: the default group, once torch.distributed is initialised). See
+            "Distributed training" in the README: DDP and FSDP2 take one process's steps.
+        reduce_loss: False: each rank observes its own losses (independent replicas, or losses
+            already reduced by the caller). DTensor (FSDP2) parameters' norms are reduced anyway.
 
     A non-finite loss, ``loss_var`` or gradient skips the measurement update on the device:
     weights and filter stay as predicted and ``filter_state["skipped_steps"]`` increments.
@@ -68,6 +73,8 @@ class KoalaV(KoalaOptimizer):
         raw_grad_step: bool = False,
         loss_floor: float = 0.0,
         fused: bool | None = None,
+        process_group=None,
+        reduce_loss: bool = True,
     ):
         hyper = dict(
             sigma=_validation.check_nonnegative("sigma", sigma),
@@ -77,7 +84,8 @@ class KoalaV(KoalaOptimizer):
             raw_grad_step=_validation.check_bool("raw_grad_step", raw_grad_step),
             loss_floor=_validation.check_finite("loss_floor", loss_floor),
         )
-        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, eps=eps, hyper=hyper, fused=fused,
+                         process_group=process_group, reduce_loss=reduce_loss)
 
     def _initial_filter(self) -> dict[str, float]:
         h = self._hyper

@@ -42,8 +42,8 @@ import time
 import pytest
 
 #: Launch keyword arguments that are block geometry: interpreter values -> the CUDA ones.
-_GEOMETRY = {"BLOCK": "block", "CHUNK": "chunk", "BLOCK_T": "block_t", "BLOCK_C": "block_c",
-             "SUM_T": "sum_t", "SUM_C": "sum_c", "num_warps": "num_warps"}
+_GEOMETRY = {"BLOCK": "block", "CHUNK": "chunk", "BLOCK_T": "block_t", "BLOCK_F": "block_f",
+             "SUM_C": "sum_c", "num_warps": "num_warps"}
 
 
 class _State:
@@ -108,7 +108,10 @@ def compile_key(fn, kwargs: dict) -> str:
     declared = _declared(fn)
     args = {}
     for name, value in kwargs.items():
-        if name in _GEOMETRY:
+        if name in ("BLOCK", "num_warps") and "DT" in kwargs:  # the CUDA tile and warps of the dtype
+            geometry = CUDA_BLOCKS.elementwise(kwargs["DT"].primitive_bitwidth // 8, fold=fn.__name__ == "fold_kernel")
+            args[name] = ["value", geometry[0] if name == "BLOCK" else geometry[1]]
+        elif name in _GEOMETRY:
             args[name] = ["value", getattr(CUDA_BLOCKS, _GEOMETRY[name])]
         elif isinstance(value, torch.Tensor):
             args[name] = ["tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0]
@@ -224,3 +227,23 @@ def pytest_terminal_summary(terminalreporter):
     else:
         tr.write_sep("-", f"compiled typing: {outcome.checked} interpreted kernel specialisations compile and "
                           f"launch for sm_90 (dry driver, {outcome.seconds:.0f} s)")
+
+
+# ------------------------------------------------------------------ other processes
+def record_in_this_process() -> dict:
+    """Outside pytest (a spawned rank of a distributed test): type this process's interpreted
+    launches as compiled Triton does and record their compile keys. Returns the dict of keys it
+    fills; hand it to ``add_keys`` in the pytest process."""
+    from koala_triton.kernels import launch
+
+    if _State.original_kernel is None:
+        _State.original_kernel = launch.kernel
+        launch.kernel = _kernel_for
+    return _State.keys
+
+
+def add_keys(keys: dict) -> None:
+    """Compile keys reached in another process: checked for sm_90 at the end of the session like
+    this process's own."""
+    for key, test in keys.items():
+        _State.keys.setdefault(key, test)

@@ -1,10 +1,11 @@
 """Helpers shared by the test modules (no test module imports from another one).
 
-Two families of fixtures and comparisons:
+Fixtures, comparisons and guards:
 
 - the PyTorch path against the float64 reference loop (``tests/reference.py``):
   ``reference_params``, ``reference_groups``, ``assert_close`` (error model: identical float64
   expressions in another order, 1e-12);
+- no host reads inside a step: ``forbid_host_reads``;
 - the Triton path against the PyTorch path (``test_triton_interpreter.py``, its GPU twin
   ``test_triton_gpu.py``, ``test_triton_host_cache.py``): ``make_params``, ``clone_params``,
   ``groups``, ``grads_for_step``, ``losses_for_step``, ``assign``, ``assert_close_scaled``,
@@ -76,6 +77,31 @@ def assert_matches_reference(opt, params, ref, what, *, state_keys=None, filter_
     expected = ref.filter_values()
     for key in info.filter_keys if filter_keys is None else filter_keys:
         assert_close(opt.filter_state[key], expected[key], f"{what} {key}")
+
+
+# ------------------------------------------------------------ no host reads inside a step
+#: Reading a device value on the host: each of these is a device-to-host synchronisation on a
+#: GPU. On CPU there is no CUDA sync-debug mode, so tests forbid the reads themselves.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    """Inside the block, ``Tensor.item``, ``tolist``, ``__bool__`` (a Python ``if`` on a
+    tensor), ``__float__``, ``__int__`` and ``__index__`` raise an AssertionError."""
+    def refuse(name):
+        def raiser(self, *args, **kwargs):
+            raise AssertionError(f"host read Tensor.{name} inside a step")
+        return raiser
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
 
 
 # ------------------------------------------------------------ Triton path vs the PyTorch path

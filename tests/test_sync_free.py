@@ -8,39 +8,23 @@ synchronisation on a GPU.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
+from tests.helpers import forbid_host_reads
 from tests.variants import variant_params
 
-HOST_READS = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
 
-
-@contextlib.contextmanager
-def forbid_host_reads(monkeypatch):
-    def boom(name):
-        def raiser(self, *args, **kwargs):
-            raise AssertionError(f"host read Tensor.{name} inside a step")
-        return raiser
-
-    with monkeypatch.context() as m:
-        for name in HOST_READS:
-            m.setattr(torch.Tensor, name, boom(name))
-        yield
-
-
-def test_the_guard_itself_catches_a_host_read(monkeypatch):
+def test_the_guard_itself_catches_a_host_read():
     t = torch.ones(())
-    with forbid_host_reads(monkeypatch), pytest.raises(AssertionError, match="host read"):
+    with forbid_host_reads(), pytest.raises(AssertionError, match="host read"):
         if t > 0:  # noqa: SIM108 - the point is the implicit __bool__
             pass
 
 
 @pytest.mark.parametrize("variant", variant_params())
 @pytest.mark.parametrize("r", [None, 0.5], ids=["adaptive-R", "fixed-R"])
-def test_predict_and_step_do_not_read_device_values(variant, r, monkeypatch):
+def test_predict_and_step_do_not_read_device_values(variant, r):
     a = torch.randn(5, 3, requires_grad=True)
     b = torch.randn(3, requires_grad=True)
     c = torch.randn(4, requires_grad=True)
@@ -50,7 +34,7 @@ def test_predict_and_step_do_not_read_device_values(variant, r, monkeypatch):
         b.grad = None if step == 1 else torch.full((3,), float("nan") if step == 2 else 1.0)
         c.grad = torch.randn(4)
         losses = torch.rand(6)
-        with forbid_host_reads(monkeypatch):
+        with forbid_host_reads():
             opt.predict()
             opt.step(loss=losses)
     assert int(opt.filter_state["skipped_steps"]) == 1

@@ -182,3 +182,49 @@ def test_tables_refuse_arrays_that_no_longer_match_their_parameter(interpreter, 
         opt.predict()
         opt.step(loss=torch.rand(4, generator=gen))
     _assert_untouched(opt, params, before)
+
+
+@pytest.mark.parametrize("case", DESIGNS)
+def test_cache_info_counts_hits_and_misses_and_new_addresses_rebuild_only_rows(interpreter, monkeypatch, case):
+    """``cache_info()``: steady steps are table hits; a gradient that moves to a new address (as
+    ``zero_grad(set_to_none=True)`` can do) is a miss that reuses the chunk layout (only the
+    rows are uploaded again); a parameter of a new size also lays out the chunks anew."""
+    uploads = []
+    original = _tables._upload
+    monkeypatch.setattr(_tables, "_upload", lambda values, *a, **k: uploads.append(len(values)) or original(values, *a, **k))
+    gen = torch.Generator().manual_seed(3)
+    params = _fp32_params(gen)
+    opt = case.cls(params, fused=True, **case.kwargs)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def iteration(fresh_grads=False):
+        for p in params:
+            if fresh_grads:
+                p.grad = torch.randn(p.shape, generator=gen)  # a new storage
+            else:
+                p.grad.copy_(torch.randn(p.shape, generator=gen))
+        opt.predict()
+        opt.step(loss=torch.rand(4, generator=gen))
+
+    iteration()
+    iteration()
+    warm = opt.cache_info()
+    assert warm["layout_misses"] >= 1 and warm["table_misses"] >= 1 and warm["table_layout_misses"] >= 1
+    uploads.clear()
+    iteration()
+    steady = opt.cache_info()
+    assert steady["table_misses"] == warm["table_misses"] and steady["table_hits"] > warm["table_hits"]
+    assert steady["layout_hits"] > warm["layout_hits"] and uploads == []
+    keep = [p.grad for p in params]  # hold the old grads: the new ones cannot reuse their storage
+    iteration(fresh_grads=True)
+    moved = opt.cache_info()
+    assert moved["table_misses"] > steady["table_misses"]
+    assert moved["table_layout_misses"] == steady["table_layout_misses"], "new addresses re-laid the chunks out"
+    rows_only = sum(uploads)
+    assert rows_only and all(n % 8 == 0 for n in uploads), f"uploads after a move: {uploads}"  # rows: 8 ints each
+    del keep
+    params.append(torch.randn(300, generator=gen).requires_grad_())  # a new size: a new chunk layout
+    opt.add_param_group({"params": [params[-1]]})
+    iteration(fresh_grads=True)
+    assert opt.cache_info()["table_layout_misses"] > moved["table_layout_misses"]

@@ -1,15 +1,16 @@
 r"""The scalar Kalman filter on the device: one program, float64 throughout.
 
 ``filter_kernel`` evaluates exactly what ``koala_triton._kalman`` evaluates with torch ops (the
-same float64 expressions in the same order), from the per-chunk partial sums of the passes:
+same float64 expressions in the same order), from the per-tensor sums the norms pass finished
+and the per-chunk distance partials of the predict (or fold) pass:
 
 1. *Pending predict tail* (KOALA-M, ``TAIL``): if the predict pass (or a folded update) raised
    the ``pending`` flag, D = sqrt(Σ partial ‖xavg − x‖²)/n, qx ← 0.9·qx + 0.1·D and
    P̂ = F P Fᵀ + diag(qx, qv); the flag is cleared. The flag lives on the device, so a graph
    replay or a repeated settle applies each predict exactly once.
-2. *Measurement* (``MEASURE``): per tensor (slot) the chunk partials are added in a fixed
-   order, [BLOCK_T tensors x BLOCK_C chunks] tiles over each tensor block's chunk range, so the
-   work is proportional to the number of chunks even when one tensor has thousands of them; finiteness of the loss, its second moment and every gradient norm; the R
+2. *Measurement* (``MEASURE``): the loss moments; BLOCK_T tensors' sums per step (one step
+   up to BLOCK_T tensors, so the serial work does not grow with the tensor count below that);
+   finiteness of the loss, its second moment and every gradient norm; the R
    EMA (updated before use); the skip rule sqrt(‖g‖²) >= eps; gains c_x = lr·L̃·P̂xx/S,
    c_u = lr·L̃·P̂ux/S; G = the largest ‖g̃‖² among updated tensors; the stable covariance forms
    p⁺ = ρ·p̂ (or Pxx⁺ = ρ·P̂xx, Pxu⁺ = ρ·P̂xu, Puu⁺ = (G·det P̂ + R·P̂uu)/S), ρ = R/S; R, step and
@@ -50,20 +51,21 @@ C_FLOOR_SQ = constant(9)
 @triton_kernel
 def filter_kernel(
     p_pxx, p_pxu, p_puu, p_qx, p_r, p_step, p_skipped, p_below, p_found_inf,
-    p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_partials, p_sums, p_coef,
+    p_loss, p_loss_sq, p_lr, p_wd, p_eps, p_slot_chunks, p_sums, p_coef,
     p_pending, p_dist, p_const,
     n_slots, n_dist, numel_total, n_loss, loss_stride, v_predicts,
     MOMENTUM: tl.constexpr, ADAPTIVE: tl.constexpr, MEASURE: tl.constexpr, TAIL: tl.constexpr,
     LOSS_VEC: tl.constexpr, V_PREDICT: tl.constexpr, FOUND_INF: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUM_T: tl.constexpr, SUM_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """One program. For KOALA-V, ``p_pxx`` is p and the KOALA-M-only pointers are unused.
 
-    ``p_sums`` [k, 3] float64 scratch: each tensor's ‖g‖², ‖g̃‖², ‖x‖² (its chunk partials
-    summed), written and read back within this program.
+    ``p_sums`` [k, 3] float64: each tensor's ‖g‖², ‖g̃‖², ‖x‖², finished by the norms pass
+    (``passes.norms_kernel``); ``p_slot_chunks`` [k, 2] says which tensors have chunks (and
+    so sums). ``p_coef`` [k, 3] float64 out: (c_x, c_u, updated) per tensor.
     """
     o_t = tl.arange(0, BLOCK_T)
-    o_f = tl.arange(0, BLOCK_T * BLOCK_C)  # flat sweeps (loss vector, distance partials)
+    o_f = tl.arange(0, BLOCK_F)  # flat sweeps (loss vector, distance partials)
     zero = tl.full([], 0.0, dtype=tl.float64)
     b_pxx = tl.load(p_pxx)
     if MOMENTUM:
@@ -83,8 +85,8 @@ def filter_kernel(
     if TAIL:
         pending = tl.load(p_pending) != 0
         b_qx = tl.load(p_qx)
-        b_acc = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
-        for i in range(0, n_dist, BLOCK_T * BLOCK_C):
+        b_acc = tl.full([BLOCK_F], 0.0, dtype=tl.float64)
+        for i in range(0, n_dist, BLOCK_F):
             b_acc += tl.load(p_dist + i + o_f, mask=i + o_f < n_dist, other=0.0)
         dist = tl.sqrt(tl.reduce(b_acc, 0, SUM)) / (zero + numel_total)
         beta = tl.load(p_const + C_BETA)
@@ -108,9 +110,9 @@ def filter_kernel(
             # per-sample losses (any float dtype): mean and mean of squares in float64, a fixed
             # order (lanes, then one reduction tree)
             floor = tl.load(p_const + C_FLOOR)
-            b_l1 = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
-            b_l2 = tl.full([BLOCK_T * BLOCK_C], 0.0, dtype=tl.float64)
-            for i in range(0, n_loss, BLOCK_T * BLOCK_C):
+            b_l1 = tl.full([BLOCK_F], 0.0, dtype=tl.float64)
+            b_l2 = tl.full([BLOCK_F], 0.0, dtype=tl.float64)
+            for i in range(0, n_loss, BLOCK_F):
                 o = i + o_f
                 m_l = o < n_loss
                 b_l = tl.load(p_loss + o * loss_stride, mask=m_l, other=0.0).to(tl.float64)
@@ -126,41 +128,16 @@ def filter_kernel(
             if ADAPTIVE:  # mean of (l − floor)² from the mean of l² and the mean of l
                 loss_sq = (tl.load(p_loss_sq).to(tl.float64) - raw * tl.load(p_const + C_TWO_FLOOR)) \
                     + tl.load(p_const + C_FLOOR_SQ)
-        # Each tensor's sums of its chunk partials. A tile of SUM_T tensors walks their chunk
-        # ranges side by side, SUM_C chunks of each per step, so the steps a tile takes are its
-        # largest tensor's chunks / SUM_C (not all the chunks of all its tensors). Steps only
-        # add into [SUM_T, SUM_C] accumulators (no reduction, so no synchronisation, inside the
-        # loop); each tensor's row is reduced once at the end: a fixed order per tensor
-        # (deterministic, nothing from another tensor mixed in).
+        # Each tensor's sums (‖g‖², ‖g̃‖², ‖x‖²) were finished by the norms pass (the last of
+        # its programs adds its chunk partials); a tensor without chunks (no elements) has none
+        # written: its sums are 0. BLOCK_T tensors per step: one step up to BLOCK_T tensors.
+        # Every gradient norm finite <=> the sum of all of them is (they are >= 0).
         total = zero
-        o_st = tl.arange(0, SUM_T)
-        o_sc = tl.arange(0, SUM_C)
-        for t0 in range(0, n_slots, SUM_T):
-            o_s = t0 + o_st
-            m_s = o_s < n_slots
-            c_first = tl.load(p_slot_chunks + 2 * o_s, mask=m_s, other=0)
-            c_count = tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0)
-            a_gg = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
-            a_dd = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
-            a_xx = tl.full([SUM_T, SUM_C], 0.0, dtype=tl.float64)
-            for c0 in range(0, tl.reduce(c_count, 0, MAX), SUM_C):
-                o_c = c0 + o_sc
-                m_c = o_c[None, :] < c_count[:, None]
-                p_c3 = p_partials + 3 * (c_first[:, None] + o_c[None, :])
-                a_gg += tl.load(p_c3, mask=m_c, other=0.0)
-                a_dd += tl.load(p_c3 + 1, mask=m_c, other=0.0)
-                a_xx += tl.load(p_c3 + 2, mask=m_c, other=0.0)
-            b_gg = tl.reduce(a_gg, 1, SUM)
-            b_dd = tl.reduce(a_dd, 1, SUM)
-            b_xx = tl.reduce(a_xx, 1, SUM)
+        for t0 in range(0, n_slots, BLOCK_T):
+            o_s = t0 + o_t
+            m_s = (o_s < n_slots) & (tl.load(p_slot_chunks + 2 * o_s + 1, mask=o_s < n_slots, other=0) > 0)
             p_s3 = p_sums + 3 * o_s
-            tl.store(p_s3, b_gg, mask=m_s)
-            tl.store(p_s3 + 1, b_dd, mask=m_s)
-            tl.store(p_s3 + 2, b_xx, mask=m_s)
-            # Every gradient norm finite <=> the sum of all of them is (they are >= 0).
-            total += tl.reduce(b_gg + b_dd, 0, SUM)
-        # the sums are read below by other threads of this program
-        tl.debug_barrier()
+            total += tl.reduce(tl.load(p_s3, mask=m_s, other=0.0) + tl.load(p_s3 + 1, mask=m_s, other=0.0), 0, SUM)
         finite = (tl.abs(loss) < float("inf")) & (total < float("inf"))
         if ADAPTIVE:
             finite = finite & (tl.abs(loss_sq) < float("inf"))
@@ -178,10 +155,11 @@ def filter_kernel(
         for t0 in range(0, n_slots, BLOCK_T):
             o_s = t0 + o_t
             m_s = o_s < n_slots
+            m_w = m_s & (tl.load(p_slot_chunks + 2 * o_s + 1, mask=m_s, other=0) > 0)  # sums written
             p_s3 = p_sums + 3 * o_s
-            b_gg = tl.load(p_s3, mask=m_s, other=0.0)
-            b_dd = tl.load(p_s3 + 1, mask=m_s, other=0.0)
-            b_xx = tl.load(p_s3 + 2, mask=m_s, other=0.0)
+            b_gg = tl.load(p_s3, mask=m_w, other=0.0)
+            b_dd = tl.load(p_s3 + 1, mask=m_w, other=0.0)
+            b_xx = tl.load(p_s3 + 2, mask=m_w, other=0.0)
             b_eps = tl.load(p_eps + o_s, mask=m_s, other=0.0)
             b_lr = tl.load(p_lr + o_s, mask=m_s, other=0.0)
             b_wd = tl.load(p_wd + o_s, mask=m_s, other=0.0)

@@ -27,36 +27,63 @@ class Blocks:
     """Fixed launch geometry of the multi-tensor passes.
 
     Attributes:
-        block: elements per tile (one vector op over ``block`` lanes).
+        block: elements per tile of a 4-byte dtype (one vector op over ``block`` lanes).
+        scale_block: CUDA geometry per dtype (``elementwise``); else ``block`` and the warps
+            below for every dtype (the interpreter).
         chunk: elements per program; a tensor of n elements owns ceil(n / chunk) programs
             (and as many partial-sum slots). A multiple of ``block``.
-        block_t, block_c: the one-program filter kernel computes gains for block_t tensors at
-            a time, and sweeps flat arrays (losses, distance partials) block_t * block_c at a time.
-        sum_t, sum_c: it sums each tensor's chunk partials sum_t tensors at a time, sum_c chunks
-            of each per step.
+        block_t: the one-program filter kernel reads block_t tensors' sums per step.
+        block_f: it sweeps flat arrays (losses, distance partials) block_f elements per step.
+        sum_c: the norms pass's last program of a tensor adds sum_c of its chunk partials
+            per step.
         num_warps: warps per program of the elementwise passes.
+        fold_warps: warps per program of the fold pass (it keeps x, u, xavg and g of a tile in
+            registers: twice the warps halve each thread's share, and its registers).
     """
 
     block: int
     chunk: int
     block_t: int
-    block_c: int
-    sum_t: int
+    block_f: int
     sum_c: int
     num_warps: int
+    fold_warps: int
+    scale_block: bool
+
+    def elementwise(self, element_size: int, *, fold: bool = False) -> tuple[int, int]:
+        """(elements per tile, warps) of an elementwise pass over parameters of
+        ``element_size`` bytes; the tile divides ``chunk``.
+
+        CUDA: a tile is 4 KiB of each array (1024 fp32, 2048 bf16/fp16, 512 fp64 elements),
+        32 bytes (two 128-bit loads) per thread and array with 4 warps, 16 bytes (one) with 8
+        warps for 16-bit dtypes, whose 2048-element tiles would need too many registers at 4.
+        The fold pass keeps four arrays of a tile live: 8 warps, and 1024-element tiles for
+        16-bit dtypes (8-byte accesses: a 2048-element tile needs 154–160 registers with
+        triton 3.6). Register counts: kernels/NOTES.md.
+        """
+        if not self.scale_block:
+            return self.block, self.fold_warps if fold else self.num_warps
+        if fold:
+            return (self.block if element_size <= 4 else self.block * 4 // element_size), self.fold_warps
+        return self.block * 4 // element_size, (8 if element_size == 2 else self.num_warps)
 
 
-#: CUDA: 4-warp programs over 16 tiles of 1024 elements (64 KiB of fp32 per tensor array per
-#: program, like torch's multi-tensor apply chunk of 65,536 elements; here 16,384).
-#: The filter kernel's partial sums: [8 tensors x 128 chunks] per step, so GPT-2 small (148
-#: tensors, ~7,600 chunks) takes ~45 steps and ResNet-18 (62 tensors) ~10.
-CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=32, block_c=32, sum_t=8, sum_c=128, num_warps=4)
+#: CUDA: 4-warp programs over tiles of 4 KiB per array (1024 fp32, 2048 bf16/fp16, 512 fp64
+#: elements: 32 bytes, two 128-bit loads, per thread and array), 16,384 elements per program
+#: (64 KiB of fp32 per tensor array, like torch's multi-tensor apply chunk of 65,536 elements).
+#: The fold pass runs 8 warps (its registers: kernels/NOTES.md, "16-bit dtypes").
+#: The filter kernel reads 1024 tensors' sums per step (one step for every model up to 1024
+#: tensors) and sweeps losses and distance partials 1024 at a time; a tensor's last norms
+#: program adds 1024 of its chunk partials per step (GPT-2 small's embedding, ~2,400 chunks: 3).
+CUDA_BLOCKS = Blocks(block=1024, chunk=16384, block_t=1024, block_f=1024, sum_c=1024, num_warps=4, fold_warps=8,
+                     scale_block=True)
 #: Interpreter: 64-element tiles, 128-element chunks: a 257-element test tensor spans 3 chunks
 #: (full tiles, a masked tail, a 1-element last chunk) while the interpreter's cost, which is
 #: per program and per tile, stays small.
-#: Partial sums 4 tensors x 2 chunks per step: test tensors span up to 3 chunks, so the walk
-#: takes several steps and partial last steps.
-INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, block_c=8, sum_t=4, sum_c=2, num_warps=1)
+#: Tensors 32 per filter step (the 152-tensor tests take several), flat sweeps of 256, chunk
+#: partials 2 per step (test tensors span up to 3 chunks: several steps, partial last steps).
+INTERPRETER_BLOCKS = Blocks(block=64, chunk=128, block_t=32, block_f=256, sum_c=2, num_warps=1, fold_warps=1,
+                            scale_block=False)
 
 
 def blocks_for(device: torch.device) -> Blocks:

@@ -52,14 +52,21 @@ from .constants import ALIGN, COL_A, COL_G, COL_NUMEL, COL_SLOT, COL_U, COL_X, N
 
 @triton_kernel
 def norms_kernel(
-    p_chunks, p_rows, p_wd, p_partials, p_scale,
+    p_chunks, p_rows, p_wd, p_partials, p_scale, p_slot_chunks, p_sums, p_arrivals,
     chunk_base,
     DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNSCALE: tl.constexpr,
+    SUM_C: tl.constexpr,
 ):
-    """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64).
+    """Per-chunk ‖g‖², ‖g̃‖², ‖x‖² into ``p_partials[chunk_base + chunk, 0:3]`` (float64), and
+    each tensor's sums of them into ``p_sums[slot, 0:3]``.
 
     ``p_wd`` [k] float64: weight decay by slot; where it is 0 the ‖g̃‖² slot repeats ‖g‖² and
-    x is not read.
+    x is not read. The tensor's sums are finished by the last of its programs to write its
+    partial (``p_arrivals`` [k] int32, an arrival count per slot, zero before the launch and
+    reset by that program): it adds the tensor's ``p_slot_chunks[slot]`` = (first chunk,
+    chunks) partials in chunk order, SUM_C lanes then one reduction tree, so the result does
+    not depend on which program was last (deterministic, no float atomics), and the work is
+    spread over the tensors instead of one program walking them all.
     """
     i_c = tl.program_id(0).to(tl.int64)
     p_ch = p_chunks + 2 * i_c
@@ -115,6 +122,28 @@ def norms_kernel(
     tl.store(p_out, s_gg)
     tl.store(p_out + 1, s_dd)
     tl.store(p_out + 2, s_xx)
+    # this program's partial is written (by every thread) before it counts as arrived; the
+    # atomic's acquire-release order makes the partials of those before it visible to the last
+    tl.debug_barrier()
+    c_first = tl.load(p_slot_chunks + 2 * i_slot)
+    c_count = tl.load(p_slot_chunks + 2 * i_slot + 1)
+    arrived = tl.atomic_add(p_arrivals + i_slot, 1, sem="acq_rel")
+    if arrived == c_count - 1:
+        o_c = tl.arange(0, SUM_C).to(tl.int64)
+        a_gg = tl.full([SUM_C], 0.0, dtype=tl.float64)
+        a_dd = tl.full([SUM_C], 0.0, dtype=tl.float64)
+        a_xx = tl.full([SUM_C], 0.0, dtype=tl.float64)
+        for c0 in range(0, c_count, SUM_C):
+            m_c = c0 + o_c < c_count
+            p_c3 = p_partials + 3 * (c_first + c0 + o_c)
+            a_gg += tl.load(p_c3, mask=m_c, other=0.0, cache_modifier=".cg")
+            a_dd += tl.load(p_c3 + 1, mask=m_c, other=0.0, cache_modifier=".cg")
+            a_xx += tl.load(p_c3 + 2, mask=m_c, other=0.0, cache_modifier=".cg")
+        p_s3 = p_sums + 3 * i_slot
+        tl.store(p_s3, tl.reduce(a_gg, 0, SUM))
+        tl.store(p_s3 + 1, tl.reduce(a_dd, 0, SUM))
+        tl.store(p_s3 + 2, tl.reduce(a_xx, 0, SUM))
+        tl.store(p_arrivals + i_slot, 0)
 
 
 @triton_kernel

@@ -56,6 +56,11 @@ class Table:
     #: [k, 2] int64 by slot: (first global chunk, number of chunks); None without slots.
     slot_chunks: Tensor | None
     keep: list = field(default_factory=list)  # host sources of in-flight uploads
+    #: Host: the rows in chunk order (grouped by dtype), and each row's chunk count (by row).
+    row_order: list[int] = field(default_factory=list)
+    row_chunks: list[int] = field(default_factory=list)
+    #: Device tensors derived from the table on demand (``shards.py``), cached with it.
+    derived: dict = field(default_factory=dict)
 
 
 def _dense(t: Tensor) -> bool:
@@ -89,6 +94,18 @@ class TableCache:
 
     entries: dict[str, OrderedDict] = field(default_factory=dict)
     staging: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+    #: chunk layouts by (dtype, element count, slot) of every row: they depend on sizes only,
+    #: so new addresses (a gradient reallocated by ``zero_grad(set_to_none=True)``) rebuild
+    #: only the O(k) rows of a table, not its chunks.
+    layouts: OrderedDict = field(default_factory=OrderedDict)
+    #: ``prepare`` calls answered from ``entries`` / building tables; ``layout_misses``: of the
+    #: builds, those that also built a chunk layout.
+    hits: int = 0
+    misses: int = 0
+    layout_misses: int = 0
+
+    def info(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "layout_misses": self.layout_misses}
 
 
 @dataclass
@@ -157,8 +174,9 @@ def check_row(index: int, row: dict[str, Tensor]) -> None:
     x = row.get("x")
     if x is None:
         return
+    dtype, numel, device = x.dtype, x.numel(), x.device
     for role, t in row.items():
-        if role == "x" or t is None:
+        if role == "x" or t is None or (t.dtype == dtype and t.numel() == numel and t.device == device):
             continue
         what = f"the {_ROLE_NAMES[role]} of tensor {index} (a parameter of shape {tuple(x.shape)})"
         if t.dtype != x.dtype:
@@ -192,8 +210,12 @@ def _bind(cache: TableCache, owners: list[Tensor], arrays: dict[str, list[Tensor
     for i in range(len(owners)):
         row = {role: arrays[role][i] for role in arrays if arrays[role][i] is not None}
         check_row(i, row)
-        first = next(iter(row.values()))
-        layout = _layout(first)
+        # the common case first: contiguous (so one layout: equal element counts were checked)
+        # and 16-byte aligned
+        if all([t.is_contiguous() and not t.data_ptr() & 15 for t in row.values()]):
+            rows.append(row)
+            continue
+        layout = _layout(next(iter(row.values())))
         if all(_dense(t) and _layout(t) == layout and _aligned(t) for t in row.values()):
             rows.append(row)
             continue
@@ -220,7 +242,7 @@ def prepare(cache: TableCache, kind: str, owners: list[Tensor], arrays: dict[str
         keyed: roles whose storages may change between steps (the parameters first, then the
             gradients); the others (KOALA-M's state) are the optimizer's own tensors, replaced
             only by ``load_state_dict``, after which the optimizer starts a new cache.
-        build: rows -> tuple of Tables, run only when the signature is new.
+        build: (rows, cache) -> tuple of Tables, run only when the signature is new.
         extra_key: anything else the tables depend on (e.g. the slots).
     """
     key = (extra_key, signature(arrays, keyed))
@@ -228,9 +250,11 @@ def prepare(cache: TableCache, kind: str, owners: list[Tensor], arrays: dict[str
     hit = entries.get(key)
     if hit is not None:
         entries.move_to_end(key)
+        cache.hits += 1
         return hit
+    cache.misses += 1
     rows, staged = _bind(cache, owners, arrays, mutated)
-    result = Prepared(tables=tuple(build(rows)), staged=staged)
+    result = Prepared(tables=tuple(build(rows, cache)), staged=staged)
     entries[key] = result
     while len(entries) > _MAX_TABLES:
         entries.popitem(last=False)
@@ -246,50 +270,96 @@ def _upload(values: list[int], device: torch.device, keep: list) -> Tensor:
     return host
 
 
+@dataclass
+class _ChunkLayout:
+    """What a table's chunks depend on: sizes and slots, not addresses (see ``table``).
+
+    Attributes:
+        groups: per dtype (dtype, row indices in the group's order, chunk tensor [c, 2],
+            number of chunks, first global chunk).
+        slot_chunks: [k, 2] int64 (first global chunk, chunks) by slot, or None.
+        n_chunks: chunks of all groups.
+        keep: host sources of in-flight uploads.
+    """
+
+    groups: list[tuple[torch.dtype, list[int], Tensor, int, int]]
+    slot_chunks: Tensor | None
+    n_chunks: int
+    keep: list
+
+
+def _chunk_layout(sizes: tuple, num_slots: int, blocks: Blocks, device: torch.device) -> _ChunkLayout:
+    """Chunks of rows of the given (dtype, element count, slot), grouped by dtype."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, (dtype, _, _) in enumerate(sizes):
+        by_dtype.setdefault(dtype, []).append(i)
+    keep: list = []
+    groups = []
+    slot_chunks = [[0, 0] for _ in range(num_slots)]
+    base = 0
+    for dtype, members in by_dtype.items():
+        chunks = []
+        for j, i in enumerate(members):
+            _, numel, slot = sizes[i]
+            n_row = -(-numel // blocks.chunk)
+            if slot >= 0:
+                slot_chunks[slot] = [base + len(chunks), n_row]
+            chunks.extend([j, c * blocks.chunk] for c in range(n_row))
+        flat_chunks = [v for c in chunks for v in c]
+        groups.append((dtype, members, _upload(flat_chunks or [0, 0], device, keep), len(chunks), base))
+        base += len(chunks)
+    slot_tensor = _upload([v for s in slot_chunks for v in s] or [0, 0], device, keep) if num_slots else None
+    return _ChunkLayout(groups=groups, slot_chunks=slot_tensor, n_chunks=base, keep=keep)
+
+
+_MAX_LAYOUTS = 8
+
+
 def table(
     arrays: list[dict[str, Tensor]],
     slots: list[int],
     num_slots: int,
     blocks: Blocks,
     device: torch.device,
+    cache: TableCache | None = None,
 ) -> Table:
     """Build the table of ``arrays`` (one dict of role -> tensor per row) and upload it.
+
+    The chunk layout (which depends on the rows' dtypes, sizes and slots only) comes from
+    ``cache`` when it has it; the rows (addresses) are built each time: O(k).
 
     Args:
         slots: [n] slot of each row, or -1.
         num_slots: k; ``slot_chunks`` gets k rows (slots without a row get 0 chunks).
     """
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, row in enumerate(arrays):
-        by_dtype.setdefault(next(iter(row.values())).dtype, []).append(i)
-    keep: list = []
+    firsts = [next(iter(row.values())) for row in arrays]
+    sizes = tuple((t.dtype, t.numel(), slot) for t, slot in zip(firsts, slots))
+    key = (sizes, num_slots, blocks.chunk, device)
+    layout = cache.layouts.get(key) if cache is not None else None
+    if layout is None:
+        layout = _chunk_layout(sizes, num_slots, blocks, device)
+        if cache is not None:
+            cache.layout_misses += 1
+            cache.layouts[key] = layout
+            while len(cache.layouts) > _MAX_LAYOUTS:
+                cache.layouts.popitem(last=False)
+    elif cache is not None:
+        cache.layouts.move_to_end(key)
+    keep: list = list(layout.keep)
     groups = []
-    slot_chunks = [[0, 0] for _ in range(num_slots)]
-    base = 0
-    for dtype, members in by_dtype.items():
-        rows, chunks = [], []
-        for j, i in enumerate(members):
-            row, slot = arrays[i], slots[i]
-            numel = next(iter(row.values())).numel()
+    for dtype, members, chunks, n_chunks, base in layout.groups:
+        flat_rows = []
+        for i in members:
+            row = arrays[i]
             ptrs = [row[r].data_ptr() if r in row else 0 for r in ROLES]
             if "g" not in row and "x" in row:
                 ptrs[COL_G] = ptrs[COL_X]  # never read (masked), but a valid address
-            rows.append(ptrs + [numel, slot] + [0] * (NCOL - 6))
-            n_row = -(-numel // blocks.chunk)
-            if slot >= 0:
-                slot_chunks[slot] = [base + len(chunks), n_row]
-            chunks.extend([j, c * blocks.chunk] for c in range(n_row))
-        n_chunks = len(chunks)
-        flat_rows = [v for r in rows for v in r]
-        flat_chunks = [v for c in chunks for v in c]
-        groups.append(Group(
-            dtype=dtype,
-            rows=_upload(flat_rows, device, keep),
-            chunks=_upload(flat_chunks or [0, 0], device, keep),
-            n_chunks=n_chunks,
-            chunk_base=base,
-        ))
-        base += n_chunks
-    slot_tensor = _upload([v for s in slot_chunks for v in s] or [0, 0], device, keep) if num_slots else None
-    numel = sum(next(iter(row.values())).numel() for row in arrays)
-    return Table(groups=groups, n_chunks=base, numel=numel, slot_chunks=slot_tensor, keep=keep)
+            flat_rows.extend(ptrs)
+            flat_rows.extend((sizes[i][1], sizes[i][2]))
+            flat_rows.extend([0] * (NCOL - 6))
+        groups.append(Group(dtype=dtype, rows=_upload(flat_rows, device, keep), chunks=chunks,
+                            n_chunks=n_chunks, chunk_base=base))
+    numel = sum(t.numel() for t in firsts)
+    return Table(groups=groups, n_chunks=layout.n_chunks, numel=numel, slot_chunks=layout.slot_chunks, keep=keep,
+                 row_order=[i for _, members, _, _, _ in layout.groups for i in members],
+                 row_chunks=[-(-size[1] // blocks.chunk) for size in sizes])
