@@ -1,8 +1,11 @@
 """pytest options and fixtures for the optimizer benchmarks.
 
-    pytest bench                                   # smoke mode (default): small sizes, CI
-    pytest bench --koala-bench=full                # full sizes for the device found
-    pytest bench --koala-bench=full --benchmark-json=results.json
+    pytest bench --benchmark-enable                # smoke mode (default): small sizes, CI
+    pytest bench --benchmark-enable --koala-bench=full   # full sizes for the device found
+    pytest bench --benchmark-enable --koala-bench=full --benchmark-json=results.json
+
+``--benchmark-enable`` is needed because the project's default options disable timing (each
+benchmark then runs once as a plain test, with no table in the output).
     pytest bench --koala-sets=gpt2-small --koala-dtypes=fp32 --koala-providers=koala_v_torch,sgdm_foreach
 
 Every option also reads an environment variable (KOALA_BENCH, KOALA_BENCH_DEVICE,

@@ -7,7 +7,7 @@ What makes this "official-style" (and slow on a GPU) is the structure, kept on p
 * a per-tensor norm for every step, and a **host-side skip test**
   (``if p.grad.norm() < eps: continue``), which waits for the device once per tensor.
 
-The mathematics is KOALA.md §2-§4 written independently (it is *not* a copy of the authors'
+The mathematics is koala_triton/ALGORITHM.md §2-§4 written independently (it is *not* a copy of the authors'
 code); ``bench/test_harness.py`` checks it against ``koala_triton``'s PyTorch path. With
 ``weight_decay = 0`` (the benchmark setting) stepping along ``g~`` or the raw gradient is the
 same, so this also matches the official update.
@@ -55,7 +55,7 @@ class _OfficialStyleBase:
 
 
 class OfficialStyleKoalaV(_OfficialStyleBase):
-    """KOALA-V, per-tensor loop (KOALA.md §2). No per-parameter state."""
+    """KOALA-V, per-tensor loop (koala_triton/ALGORITHM.md §2). No per-parameter state."""
 
     def __init__(self, params, lr: float = 1.0, *, sigma: float = 0.1, q: float = 1.0,
                  r: float | None = None, alpha_r: float = 0.9, weight_decay: float = 0.0,
@@ -82,7 +82,7 @@ class OfficialStyleKoalaV(_OfficialStyleBase):
 
 
 class OfficialStyleKoalaM(_OfficialStyleBase):
-    """KOALA-M, per-tensor loop (KOALA.md §3): velocity and xavg buffers per tensor, a 2x2
+    """KOALA-M, per-tensor loop (koala_triton/ALGORITHM.md §3): velocity and xavg buffers per tensor, a 2x2
     float64 covariance propagated with small matrix products as in the EKF form."""
 
     def __init__(self, params, lr: float = 1.0, *, sw: float = 0.1, sc: float = 0.0,

@@ -7,7 +7,7 @@ An iteration is what one training step costs the optimizer:
   vector of 32 per-sample losses on the device;
 * torch.optim: ``step()``.
 
-``bytes_fp32`` is the memory-traffic floor per fp32 parameter from KOALA.md §7 (the least any
+``bytes_fp32`` is the memory-traffic floor per fp32 parameter from koala_triton/ALGORITHM.md §7 (the least any
 implementation of that algorithm must move); for other dtypes it scales with the element size.
 KOALA-M's floor is the two-pass form with the next predict folded into the update (36 B), what
 ``KoalaM(fold_predict=True)`` moves; its three-pass form (predict as its own pass, the default)
@@ -54,7 +54,7 @@ class Provider:
     label: str          # what the report prints
     family: str         # koala_v, koala_m, koala_pp, sgdm, adam, adamw
     impl: str           # triton, pytorch, official-loop, foreach, fused
-    bytes_fp32: int     # KOALA.md §7 floor, bytes per fp32 parameter
+    bytes_fp32: int     # koala_triton/ALGORITHM.md §7 floor, bytes per fp32 parameter
     cuda_only: bool
     build: Callable[[list[torch.Tensor]], Stepper]
     #: koala_triton's providers: the KOALA variant and mode they run (``tests/variants.py``: "V",
@@ -175,7 +175,7 @@ PROVIDERS: dict[str, Provider] = {**_BASE, **{p.name + "_wd": _recipe(p) for p i
 
 
 def floor_bytes_per_param(provider: Provider, dtype: torch.dtype) -> float:
-    """KOALA.md §7 bytes per parameter, scaled from fp32 to the parameters' element size."""
+    """koala_triton/ALGORITHM.md §7 bytes per parameter, scaled from fp32 to the parameters' element size."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return provider.bytes_fp32 * itemsize / 4
 

@@ -5,7 +5,7 @@
 Writes DIR/report.md and DIR/plot.png and prints a short table. Ratios are to AdamW: the fused
 one where the run measured it (torch has a fused AdamW on CUDA and, since torch 2.4, on CPU),
 otherwise the foreach one; each table says which. "x floor" is the measured time over the time
-the KOALA.md §7 bytes would take at the copy bandwidth measured in the same run.
+the koala_triton/ALGORITHM.md §7 bytes would take at the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def markdown(groups, provenance: list[dict], choice: str) -> str:
         "random and nonzero; the loss is a random positive vector of 32 per-sample losses.",
         "- **× AdamW**: time over AdamW's in the same table — the fused AdamW where it was "
         "measured, else the foreach one (named in each table). **× SGD-m**: over SGD with "
-        "momentum (foreach). **× floor**: time over (KOALA.md §7 bytes per parameter × "
+        "momentum (foreach). **× floor**: time over (koala_triton/ALGORITHM.md §7 bytes per parameter × "
         "parameters ÷ copy bandwidth); GB/s counts those floor bytes, not what an implementation "
         "really moves. On a CPU a copy's stores also read their cache lines, so in-place "
         "updates can exceed 100 % of the copy bandwidth there.",
@@ -235,7 +235,7 @@ def short_table(groups) -> str:
 
     lines = matrix("step time / AdamW baseline (fused where measured, else foreach)",
                    lambda r: _f(r["x_baseline"], ".2f"))
-    lines += [""] + matrix("step time / bytes-floor time (KOALA.md §7 bytes at the copy bandwidth)",
+    lines += [""] + matrix("step time / bytes-floor time (koala_triton/ALGORITHM.md §7 bytes at the copy bandwidth)",
                            lambda r: _f(r["x_floor"], ".2f"))
     lines += [""] + matrix("launches per step / host syncs per step", syncs)
     if any(r.get("paired_ratio") is not None for g in groups.values() for r in g):
@@ -246,7 +246,7 @@ def short_table(groups) -> str:
 
 def plot(groups, provenance: list[dict], path: Path) -> None:
     """Two log-scale panels over every (set, dtype): step time relative to the AdamW baseline,
-    and relative to the KOALA.md §7 bytes floor at the measured copy bandwidth."""
+    and relative to the koala_triton/ALGORITHM.md §7 bytes floor at the measured copy bandwidth."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -279,7 +279,7 @@ def plot(groups, provenance: list[dict], path: Path) -> None:
     bases = sorted({g[0]["baseline"] for g in groups.values() if g[0]["baseline"]})
     axes[0].set_title("baseline: " + ", ".join(PROVIDERS[b].label for b in bases if b in PROVIDERS),
                       fontsize=9)
-    axes[1].set_title("bytes floor: KOALA.md §7 bytes per parameter at the measured copy bandwidth",
+    axes[1].set_title("bytes floor: koala_triton/ALGORITHM.md §7 bytes per parameter at the measured copy bandwidth",
                       fontsize=9)
     axes[1].set_xticks(range(len(keys)))
     axes[1].set_xticklabels([f"{s}\n{d}, {groups[(s, d)][0]['tensors']} tensors" for s, d in keys],

@@ -1,6 +1,6 @@
 """One whole optimizer iteration per benchmark: KOALA predict + update, or torch.optim step.
 
-Each benchmark records in ``extra_info`` what it measured (parameters, tensors, the KOALA.md §7
+Each benchmark records in ``extra_info`` what it measured (parameters, tensors, the koala_triton/ALGORITHM.md §7
 bytes floor, achieved GB/s and its fraction of a device-to-device copy measured in the same run,
 launches per step, host synchronisations, optimizer-state bytes per parameter); bench/report.py
 turns the JSON into a table and a plot.

@@ -12,7 +12,8 @@ from ._optimizer import KoalaOptimizer
 
 
 class KoalaM(KoalaOptimizer):
-    r"""KOALA-M (Davtyan et al., AAAI 2022): KOALA with a velocity per weight.
+    r"""KOALA-M (Davtyan et al., AAAI 2022, arXiv 2107.03331): KOALA with a velocity per weight.
+    The contract: koala_triton/ALGORITHM.md §3, §4 and §5.
 
     State per parameter: velocity u (starts at 0) and a running average xavg (starts at 0)
     used to adapt the weights' process noise qx. One global 2×2 covariance

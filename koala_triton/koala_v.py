@@ -7,7 +7,8 @@ from ._optimizer import KoalaOptimizer
 
 
 class KoalaV(KoalaOptimizer):
-    r"""KOALA-V (Davtyan et al., AAAI 2022): a Kalman filter whose state is the weights.
+    r"""KOALA-V (Davtyan et al., AAAI 2022, arXiv 2107.03331): a Kalman filter whose state is
+    the weights. The contract: koala_triton/ALGORITHM.md §2, §4 and §5.
 
     Each iteration: :meth:`predict` (p̂ = p + q) before the forward pass, then a measurement
     update with the loss (:meth:`step` / :meth:`update`). Every parameter tensor i with a

@@ -1,4 +1,4 @@
-"""A plain float64 for-loop implementation of KOALA (KOALA-V, KOALA-M), written independently of
+"""A plain float64 for-loop implementation of koala_triton/ALGORITHM.md (KOALA-V, KOALA-M, KOALA++), written independently of
 ``koala_triton`` (no shared code), as the ground truth of the PyTorch-path tests.
 
 ``variant`` is a ``tests.variants.VariantInfo`` or its id (``"V"``, ``"M"``); the loop has the
@@ -6,7 +6,7 @@ dynamics of each (identity, or momentum when the variant has a velocity).
 
 It works on a list of parameter groups ``[{"params": [float64 tensors], "lr", "weight_decay",
 "eps"}]`` and a list of gradients (None allowed) in the same flat order, with the filter held
-in Python floats. Every step is a direct transcription of KOALA.md §2-§4, one tensor at a time.
+in Python floats. Every step is a direct transcription of koala_triton/ALGORITHM.md §2-§4, one tensor at a time.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each step starts the reference (tests/reference.py) from the implementation's exact current
 state (upcast to float64, so both see identical inputs), runs predict + update in both, and
-compares. Error model for the implementation (KOALA.md; koala_triton/_torch_backend.py):
+compares. Error model for the implementation (koala_triton/ALGORITHM.md; koala_triton/_torch_backend.py):
   * norms accumulate n <= 257 products in float32: relative error <= n·u32 (u32 = 2^-24),
     which moves every gain, and so every step c·g, by at most that factor (float64 filter);
   * the elementwise update is computed in float32 and rounded once to the param dtype, and

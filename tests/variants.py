@@ -204,7 +204,7 @@ VARIANTS: dict[str, VariantInfo] = {info.id: info for info in [
         covariance_keys=("p",),
         filter_keys=("p", "R"),
         scenario_hyper=_frozen({"sigma": 0.2, "q": 0.5, "alpha_r": 0.8}),
-        # the official KOALA-V: step along the raw gradient, S and h from g~ (KOALA.md §2)
+        # the official KOALA-V: step along the raw gradient, S and h from g~ (koala_triton/ALGORITHM.md §2)
         extra_scenarios=_frozen({"raw-grad-step": _frozen({"raw_grad_step": True})}),
         # norms, filter, update (the predict is counted on the host and applied in the filter kernel)
         modes=(Mode(DEFAULT, _frozen(), 3), Mode("fixed-r", _frozen({"r": 0.5}), 3)),
@@ -220,7 +220,7 @@ VARIANTS: dict[str, VariantInfo] = {info.id: info for info in [
         filter_keys=("Pxx", "Pxu", "Puu", "qx", "R"),
         scenario_hyper=_frozen({"sw": 0.2, "sc": 0.02, "sv": 0.1, "a": 0.9, "qw": 1e-2, "qv": 2e-2,
                                 "alpha_r": 0.8}),
-        # the reduction regime of KOALA.md §6 run through the general code path
+        # the reduction regime of koala_triton/ALGORITHM.md §6 run through the general code path
         extra_scenarios=_frozen({"momentum-off": _frozen({"a": 0.0, "sv": 0.0, "sc": 0.0, "qv": 0.0})}),
         # predict; norms, filter, update. Fold mode: the update pass also performs the next
         # predict (norms, filter, fold; its first predict is a pass of its own)

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> float:
     if rank == 0:
         print(f"{world} ranks, {'FSDP2' if args.fsdp else 'DDP'}: filters identical on all ranks: {same}")
     if own_group:
+        dist.barrier()  # every rank done with the group before any tears it down (gloo)
         dist.destroy_process_group()
     if not same:
         raise SystemExit("the ranks' filters differ")

@@ -1,4 +1,4 @@
-"""Invariants of the filter (KOALA.md §6), checked on the implementation with hypothesis.
+"""Invariants of the filter (koala_triton/ALGORITHM.md §6), checked on the implementation with hypothesis.
 
 Inputs are bounded (weights in ±[1/4, 2], gradients ±[1/4, 1]·2^e with |e| ≤ 12: no subnormal in
 any dtype, no overflow in float16) and hypothesis is derandomized, so CI sees the same examples

@@ -1,4 +1,4 @@
-"""KoalaM against the oracle's KOALA-M (KOALA.md §3, §4), every state entry at every step.
+"""KoalaM against the oracle's KOALA-M (koala_triton/ALGORITHM.md §3, §4), every state entry at every step.
 
 Runs on ``impl_m``: every implementation, and fold mode (``fold_predict=True``) where the Triton
 path runs (weights compared inside ``posterior_weights()``; see ``harness``)."""

@@ -1,4 +1,4 @@
-"""KoalaV against the oracle's KOALA-V (KOALA.md §2, §4), every state entry at every step."""
+"""KoalaV against the oracle's KOALA-V (koala_triton/ALGORITHM.md §2, §4), every state entry at every step."""
 
 from __future__ import annotations
 

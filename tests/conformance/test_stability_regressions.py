@@ -1,4 +1,4 @@
-"""Regimes where the naive covariance update breaks and the stable forms (KOALA.md §3) must not.
+"""Regimes where the naive covariance update breaks and the stable forms (koala_triton/ALGORITHM.md §3) must not.
 
 Each test first evaluates the naive form on the very inputs of the step, in the precision named,
 and asserts that it fails (so the case is a real hazard, not a comfortable one), then holds
