@@ -211,13 +211,14 @@ SHORT = {"koala_v_triton": "kV-tri", "koala_v_torch": "kV-pt", "koala_m_triton":
          "koala_pp_triton": "kPP-tri", "koala_pp_torch": "kPP-pt", "official_pp": "offPP",
          "sgdm_foreach": "sgd-fe", "sgdm_fused": "sgd-fu", "adam_foreach": "adam-fe",
          "adam_fused": "adam-fu", "adamw_foreach": "adamw-fe", "adamw_fused": "adamw-fu"}
+SHORT.update({name + "_wd": short + "+wd" for name, short in list(SHORT.items())})  # paper-recipe rows
 
 
 def short_table(groups) -> str:
     """Compact matrices (one row per set and dtype, one column per provider) for a terminal:
     x AdamW, x bytes floor, and launches/host syncs per step. Printed last by device_check.sh."""
     provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for g in groups.values() for r in g)]
-    head = f"{'set dtype':<24}{'AdamW ms':>10} " + "".join(f"{SHORT.get(p, p)[:9]:>9}" for p in provs)
+    head = f"{'set dtype':<24}{'AdamW ms':>10} " + "".join(f"{SHORT.get(p, p)[:11]:>11}" for p in provs)
 
     def matrix(title, cell):
         out = [title, head]
@@ -226,7 +227,7 @@ def short_table(groups) -> str:
             base = next((r for r in group if r["provider"] == group[0]["baseline"]), None)
             out.append(f"{set_name + ' ' + dtype:<24}"
                        f"{_f(base['median_s'] * 1e3 if base else None, '.3f'):>10} "
-                       + "".join(f"{cell(by[p]) if p in by else '-':>9}" for p in provs))
+                       + "".join(f"{cell(by[p]) if p in by else '-':>11}" for p in provs))
         return out
 
     def syncs(r):
