@@ -16,9 +16,9 @@ Tasks (nothing is downloaded):
   and flip, weight decay 5e-4 for every optimizer, every lr x0.2 at epochs 30, 60, 90;
   baselines SGD (lr 0.01, momentum 0.9) and Adam (lr 1e-3).
 
-Optimizers (``contenders.py``, one entry each): KoalaM, KoalaV (and KOALA++ when
-``koala_triton.KoalaPlusPlus`` exists) at their defaults; SGD with momentum (lr 0.01, momentum
-0.9) and AdamW (lr 1e-3, weight decay 0.01). Same initial weights and batch order for every
+Optimizers (``contenders.py``, one entry each): KoalaM, KoalaV and KOALA++ (``KoalaPlusPlus``)
+at their defaults; SGD with momentum (lr 0.01, momentum 0.9) and AdamW (lr 1e-3, weight decay
+0.01). Same initial weights and batch order for every
 optimizer of a seed; no learning-rate schedule on the small tasks.
 
 Output: a progress bar; results.md (a table per task: final test accuracy or perplexity and

@@ -8,8 +8,8 @@ the baselines are listed per line-up with their usual settings:
 - ``paper`` (a CIFAR folder): the KOALA authors' CIFAR recipe, in which every optimizer,
   KOALA included, gets weight decay 5e-4 and SGD and Adam are the baselines (values below).
 
-A KOALA variant that this installation lacks (``KoalaPlusPlus`` before KOALA++ is released)
-is left out, so adding a variant is one line in ``KOALA``.
+A KOALA variant that this installation lacks (an older ``koala_triton`` without
+``KoalaPlusPlus``) is left out, so adding a variant is one line in ``KOALA``.
 """
 
 from __future__ import annotations
