@@ -180,18 +180,20 @@ class StepReduction:
     predict: SumReduction
 
     def reduce(self, loss: LossInput, sums: Tensor) -> tuple[LossInput, Tensor]:
-        """(the global loss, [k, 3] global sums) from this rank's loss and its [k, 3] float64
-        local sums ‖g‖², ‖g̃‖², ‖x‖² of each tensor (a contiguous view of the reduced vector,
-        at its start: 16-byte aligned)."""
-        k = sums.shape[0]
+        """(the global loss, [k, c] global sums) from this rank's loss and its [k, c] float64
+        local sums of each tensor: ‖g‖², ‖g̃‖², ‖x‖² (c = 3), and for KOALA++ also g̃·h and g̃·v
+        (c = 5). Every column is a sum over the tensor's elements, so the shards' sums add up
+        to the whole tensor's. The result is a contiguous view of the reduced vector, at its
+        start (16-byte aligned)."""
+        k, c = sums.shape
         local = torch.where(self.mask[:, None], sums, 0.0).reshape(-1)
         if self.loss_group is not None and self.fused:
             vector = all_reduce(torch.cat([local, loss_sums(loss)]), self.norm_group)
-            return global_loss(vector[3 * k:], loss.adaptive), vector[:3 * k].view(k, 3)
+            return global_loss(vector[c * k:], loss.adaptive), vector[:c * k].view(k, c)
         vector = all_reduce(local, self.norm_group)
         if self.loss_group is not None:
             loss = global_loss(all_reduce(loss_sums(loss), self.loss_group), loss.adaptive)
-        return loss, vector.view(k, 3)
+        return loss, vector.view(k, c)
 
 
 @dataclass(frozen=True)
@@ -332,18 +334,3 @@ class Collectives:
             self._steps = {}
         self._steps[id(layout)] = (layout, loss_group, reduction)
         return reduction
-
-
-def refuse_sharded_plusplus(plan) -> None:
-    """KOALA++ on DTensor-sharded parameters (FSDP2) is not supported yet: its per-tensor dot
-    products g̃·h and g̃·v would need the same reduction over ranks as the norms. (Replicated
-    parameters under DDP are supported: only the loss statistics are reduced there.)
-
-    Raises:
-        NotImplementedError: ``plan`` holds local shards of DTensors.
-    """
-    if plan.layout is not None and plan.layout.sharded:
-        raise NotImplementedError(
-            "KoalaPlusPlus does not support DTensor-sharded parameters (FSDP2 fully_shard) yet: its "
-            "per-tensor dot products are not reduced over the shards; use DDP, or KoalaV / KoalaM with FSDP2"
-        )

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from . import _kalman, _kalman_pp
-from ._distributed import refuse_sharded_plusplus
 from ._kalman import ISOTROPIC, MOMENTUM
 from ._loss import LossInput
 from ._plan import StepPlan
@@ -121,18 +120,24 @@ def _unscaled(plan: StepPlan, state: TorchState) -> StepPlan:
     return dataclasses.replace(plan, grads=bufs, grad_scale=None)
 
 
-def _measurement(plan: StepPlan, directions, loss: LossInput, device) -> _kalman.Measurement:
+def _measurement(plan: StepPlan, directions, loss: LossInput, device,
+                 extra: tuple[Tensor, ...] = ()) -> tuple[_kalman.Measurement, tuple[Tensor, ...]]:
+    """The ``_kalman.Measurement`` of a step, and the [k] per-tensor sums of ``extra`` (KOALA++'s
+    dot products): with DTensor shards on several ranks (``plan.collective``) all of them are
+    reduced over the ranks together with the loss, in one all-reduce."""
     plain = plan.num_plain
     grad_sq = squared_norms(plan.grads, device)
     reg_grad_sq = torch.cat([grad_sq[:plain], squared_norms(directions[plain:], device)])
     param_sq = torch.cat(
         [torch.zeros(plain, dtype=FLOAT, device=device), squared_norms(plan.params[plain:], device)]
     )
+    columns = (grad_sq, reg_grad_sq, param_sq, *extra)
     if plan.collective is not None:  # DTensor shards on several ranks: the tensors' sums, and the loss
-        loss, sums = plan.collective.reduce(loss, torch.stack([grad_sq, reg_grad_sq, param_sq], 1))
-        grad_sq, reg_grad_sq, param_sq = sums.unbind(1)
+        loss, sums = plan.collective.reduce(loss, torch.stack(columns, 1))
+        columns = sums.unbind(1)
+    grad_sq, reg_grad_sq, param_sq, *extra = columns
     loss_mean, loss_sq_mean = loss.moments()
-    return _kalman.Measurement(
+    m = _kalman.Measurement(
         loss=loss_mean,
         loss_sq_mean=loss_sq_mean,
         grad_sq=grad_sq,
@@ -143,6 +148,7 @@ def _measurement(plan: StepPlan, directions, loss: LossInput, device) -> _kalman
         eps=plan.eps,
         found_inf=plan.found_inf,
     )
+    return m, tuple(extra)
 
 
 def _sanitised(step_directions, buffers) -> list[Tensor]:
@@ -159,14 +165,12 @@ def _sanitised(step_directions, buffers) -> list[Tensor]:
     return buffers
 
 
-def _observe(plan: StepPlan, loss: LossInput, state: TorchState, device):
+def _directions(plan: StepPlan, state: TorchState):
     """What every variant's update starts from: the plan with unscaled gradients, one scratch
-    buffer per tensor, the directions g̃_i (in those buffers where a copy is needed) and the
-    ``_kalman.Measurement`` (loss moments, norms; reduced over ranks where the plan says so)."""
+    buffer per tensor, and the directions g̃_i (in those buffers where a copy is needed)."""
     plan = _unscaled(plan, state)
     buffers = scratch(state, plan.indices, plan.params)
-    directions = _regularised_directions(plan, buffers)
-    return plan, buffers, directions, _measurement(plan, directions, loss, device)
+    return plan, buffers, _regularised_directions(plan, buffers)
 
 
 def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: TorchState, *, r, alpha_r,
@@ -174,7 +178,8 @@ def _measure_and_step_weights(plan, filt, loss: LossInput, covariance, state: To
     """Shared by KOALA-V and KOALA-M: norms, the filter's measurement update, and x -= coef_x·d.
 
     Returns the gains and the sanitised step directions d_i (so KOALA-M can reuse them)."""
-    plan, buffers, directions, m = _observe(plan, loss, state, filt["R"].device)
+    plan, buffers, directions = _directions(plan, state)
+    m, _ = _measurement(plan, directions, loss, filt["R"].device)
     gains = _kalman.measure(filt, m, covariance, r=r, alpha_r=alpha_r)
     steps = _sanitised(plan.grads if raw_grad_step else directions, buffers)
     if steps:
@@ -287,13 +292,14 @@ class TorchBackend:
         per-tensor filters (``_kalman_pp``), then per tensor v ← a·v + b·H + c·h (formed in the
         compute dtype, rounded once into v), x ← x − step·(v + q·H) and h ← H."""
         device = filt["R"].device
-        refuse_sharded_plusplus(plan)
-        plan, buffers, directions, base = _observe(plan, loss, state, device)
+        plan, buffers, directions = _directions(plan, state)
         H = _sanitised(directions, buffers)  # finite wherever the step runs; zeros replace NaN/inf
         # the new surrogates' buffers serve to widen 16-bit h and v for the dot products first
         v_new = scratch(state, plan.indices, plan.params, store=state.surrogate)
-        m = _kalman_pp.PlusPlusMeasurement(**vars(base), h_prev=dot_products(H, previous, device, v_new),
-                                           v_prev=dot_products(H, surrogates, device, v_new))
+        base, (h_prev, v_prev) = _measurement(
+            plan, directions, loss, device,
+            extra=(dot_products(H, previous, device, v_new), dot_products(H, surrogates, device, v_new)))
+        m = _kalman_pp.PlusPlusMeasurement(**vars(base), h_prev=h_prev, v_prev=v_prev)
         gains, rows = _kalman_pp.measure_pp(filt, tensors.index_select(0, index), m, sigma=sigma, q=q,
                                             symmetric=symmetric, r=r, alpha_r=alpha_r)
         tensors.copy_(tensors.index_copy(0, index, rows))

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from . import _kalman
-from ._distributed import refuse_sharded_plusplus
 from ._kalman import ISOTROPIC, MOMENTUM
 from ._loss import LossInput
 from ._plan import StepPlan
@@ -471,7 +470,6 @@ class TritonBackend:
                         state: TritonState, *, sigma, q, symmetric, r, alpha_r) -> None:
         """KOALA++ measurement update: norms (with g̃·h and g̃·v), filter (R, every tensor's
         filter row, the gains), update (v, x, h): 3 launches."""
-        refuse_sharded_plusplus(plan)
         device = state.device
         arrays = {"x": plan.params, "g": plan.grads, "u": surrogates, "a": previous}
         prepared = _measured_tables(state, "pp", plan, arrays, ("x", "u", "a"), device)

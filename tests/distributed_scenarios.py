@@ -245,8 +245,7 @@ def _scenarios() -> list[Scenario]:
             if path == "torch" or c.mode.name == DEFAULT:
                 out.append(Scenario(f"ddp-{c.id}-{path}", c.id, "ddp", path))
             checkpoint = 5 if (path == "torch" and c.mode.name == DEFAULT) or c.fold else None
-            if c.variant.sharded:
-                out.append(Scenario(f"fsdp-{c.id}-{path}", c.id, "fsdp", path, checkpoint=checkpoint))
+            out.append(Scenario(f"fsdp-{c.id}-{path}", c.id, "fsdp", path, checkpoint=checkpoint))
     first = next(iter(VARIANTS))
     momentum = next(v.id for v in VARIANTS.values() if v.has_velocity)  # a predict with a distance
     for variant, path in ((momentum, "torch"), (first, "triton")):

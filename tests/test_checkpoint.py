@@ -73,7 +73,8 @@ def test_filter_keeps_float64_precision_with_bfloat16_params():
     opt = KoalaV([p], sigma=0.1234567890123)
     sd = _roundtrip(opt.state_dict())
     opt2 = KoalaV([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
-    opt2.load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"filter settings replace this optimizer's \(sigma: 0.1 -> 0.1234567890123\)"):
+        opt2.load_state_dict(sd)
     assert opt2.filter_state["p"].dtype == torch.float64
     assert float(opt2.filter_state["p"]) == 0.1234567890123
 
@@ -82,7 +83,8 @@ def test_filter_hyperparameters_come_back_with_the_checkpoint():
     p = torch.zeros(3, requires_grad=True)
     sd = KoalaM([p], a=0.5, qv=0.2).state_dict()
     opt = KoalaM([torch.zeros(3, requires_grad=True)])
-    opt.load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"\(a: 0.9 -> 0.5; qv: 0.01 -> 0.2\)"):
+        opt.load_state_dict(sd)
     assert opt._hyper["a"] == 0.5 and opt._hyper["qv"] == 0.2
 
 

@@ -131,13 +131,15 @@ def test_ranks_take_the_steps_of_one_process_on_the_whole_batch(name, runs, monk
 
 def _expected_collectives(name: str, iteration: int) -> list[tuple[str, str, int]]:
     """The documented collectives of one iteration (``koala_triton/_distributed.py``): DDP one
-    all-reduce of the [3] loss sums per update; DTensor parameters one of [3k + 3] (k = 4
-    tensors with a gradient; [3k] with ``reduce_loss=False``) per update and, for KOALA-M, one
-    [1] distance sum per predict (fold mode: in the update instead, and in its first predict)."""
+    all-reduce of the [3] loss sums per update; DTensor parameters one of [ck + 3] (k = 4
+    tensors with a gradient, c the variant's ``tensor_sums``: 3, KOALA++ 5; [ck] with
+    ``reduce_loss=False``) per update and, for KOALA-M, one [1] distance sum per predict (fold
+    mode: in the update instead, and in its first predict)."""
     scenario = SCENARIOS[name]
     case = case_of(scenario.case)
     reduce_loss = dict(scenario.kwargs).get("reduce_loss", True)
-    loss, norms, distance = [("allreduce_", "torch.float64", n) for n in (3, 3 * 4 + 3 * reduce_loss, 1)]
+    sums = case.variant.tensor_sums * 4 + 3 * reduce_loss
+    loss, norms, distance = [("allreduce_", "torch.float64", n) for n in (3, sums, 1)]
     if scenario.wrap == "ddp":
         return [loss] if reduce_loss else []
     if not case.variant.has_velocity:

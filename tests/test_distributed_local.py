@@ -114,7 +114,7 @@ def _train(cls, params, steps=4):
     return [t.detach().clone() for t in local], {k: v.clone() for k, v in opt.filter_state.items()}
 
 
-@pytest.mark.parametrize("variant", variant_params(lambda v: v.sharded))
+@pytest.mark.parametrize("variant", variant_params())
 def test_dtensor_parameters_on_one_rank_step_as_plain_tensors_bit_for_bit(variant, one_rank):
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -166,17 +166,3 @@ def test_row_sums_add_each_tensors_chunk_partials_in_slot_order_across_dtype_gro
     assert torch.equal(mask, expected_mask)
     one = shards.one_chunk_per_slot(table, k, torch.device("cpu")).view(k, 2)
     assert one.tolist() == [[i, 1] for i in range(k)]
-
-
-@pytest.mark.parametrize("variant", variant_params(lambda v: not v.sharded))
-def test_a_variant_without_fsdp_support_refuses_sharded_parameters_before_changing_anything(variant, one_rank):
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    p = distribute_tensor(torch.randn(4, 3), one_rank, [Shard(0)]).requires_grad_()
-    opt = variant.cls([p])
-    opt.predict()
-    p.grad = distribute_tensor(torch.randn(4, 3), one_rank, [Shard(0)])
-    before = p.detach().to_local().clone()
-    with pytest.raises(NotImplementedError, match="DTensor-sharded"):
-        opt.step(loss=torch.rand(6))
-    assert torch.equal(p.detach().to_local(), before)

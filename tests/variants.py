@@ -122,7 +122,9 @@ class VariantInfo:
             with that correlation between the two).
         noise_kwargs: ``noise_kwargs(q)``: the kwargs of process noise q on every state.
         reference_name: the class in ``tests/reference.py`` of its float64 reference loop.
-        sharded: FSDP2 (DTensor-sharded parameters) is supported.
+        tensor_sums: how many sums over each tensor's elements an update forms (‖g‖², ‖g̃‖²,
+            ‖x‖², and KOALA++'s g̃·h and g̃·v): under FSDP2 an update all-reduces that many
+            float64 numbers per tensor (``koala_triton/_distributed.StepReduction``).
         tensor_keys: the per-tensor float64 filter entries (``opt.tensor_filters``), if the
             variant keeps one filter per tensor (KOALA++) instead of a global covariance.
     """
@@ -140,8 +142,7 @@ class VariantInfo:
     noise_kwargs: Callable[[float], dict]
     reference_name: str = "ReferenceKoala"
     tensor_keys: tuple[str, ...] = ()
-    #: DTensor-sharded parameters (FSDP2) are supported (else refused: NotImplementedError).
-    sharded: bool = True
+    tensor_sums: int = 3
 
     def __repr__(self) -> str:
         return f"VARIANTS[{self.id!r}]"
@@ -244,7 +245,7 @@ VARIANTS: dict[str, VariantInfo] = {info.id: info for info in [
         noise_kwargs=lambda q: {"q": q},
         reference_name="ReferencePlusPlus",
         tensor_keys=("S", "hh", "hv", "updates"),
-        sharded=False,
+        tensor_sums=5,
     ),
 ]}
 
