@@ -42,6 +42,8 @@ class KoalaPlusPlus(KoalaOptimizer):
             (see :class:`KoalaV`).
         fused: None (Triton kernels for CUDA params when available), True (require them),
             False (PyTorch path).
+        process_group, reduce_loss: as in :class:`KoalaV` (DDP and FSDP2 take one process's
+            steps; under FSDP2 the dot products are reduced over the shards with the norms).
 
     Defaults are the authors' training scripts' (σ = 0.1, Q = 0.1, lr = 1; their class defaults
     are σ = Q = 1). ``predict()`` does nothing (KOALA++'s time update is inside its update) but
