@@ -230,6 +230,14 @@ def assign(params, grads):
             p.grad = gr.clone() if p.is_contiguous() else torch.empty_like(p).copy_(gr)
 
 
+def assert_same_steps(opt_a, params_a, opt_b, params_b) -> None:
+    """Two runs took the same steps: their weights and their filters are equal bit for bit."""
+    for i, (x, y) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(x, y), f"weights {i}"
+    for key, value in opt_a.filter_state.items():
+        assert torch.equal(opt_b.filter_state[key], value), key
+
+
 def assert_close_scaled(actual, expected, rtol, what, scale=None):
     """|actual - expected| <= rtol * scale, scale = max|expected| unless given.
 
@@ -276,6 +284,32 @@ def posterior_weights(opt, fold: bool):
     """``opt.posterior_weights()`` in fold mode (its weights hold the next prediction), else a
     no-op context."""
     return opt.posterior_weights() if fold else contextlib.nullcontext()
+
+
+def check_one_element_model(case: Case, shape, device="cpu"):
+    """A model of one element in all (compiled Triton makes every integer argument equal to 1 a
+    compile-time constant) stepped 4 times on both paths, with a step without a gradient (the
+    filter kernel's no-tensor launch) in between: the weight and the state match the PyTorch
+    path's within 1e-5 of their scale (a few float32 roundings of one element per step).
+    Returns (Triton optimizer, PyTorch optimizer) for further checks."""
+    tri_p = [torch.randn(shape, device=device).requires_grad_()]
+    ref_p = clone_params(tri_p)
+    tri = case.cls(tri_p, fused=True, **case.kwargs)
+    ref = case.cls(ref_p, fused=False, **case.twin_kwargs)
+    gen = torch.Generator(device=device).manual_seed(8)
+    for step in range(4):
+        tri.predict()
+        ref.predict()
+        g = None if step == 2 else torch.randn(shape, device=device, generator=gen)
+        tri_p[0].grad, ref_p[0].grad = g, None if g is None else g.clone()
+        loss = torch.rand(4, device=device, generator=gen)
+        tri.step(loss=loss)
+        ref.step(loss=loss)
+    with posterior_weights(tri, case.fold):
+        assert_close_scaled(tri_p[0], ref_p[0], 1e-5, "weight")
+    for key in case.variant.state_keys:
+        assert_close_scaled(tri.state[tri_p[0]][key], ref.state[ref_p[0]][key], 1e-5, key)
+    return tri, ref
 
 
 def run_pair(case: Case, dtype, n, steps, *, seed=0, odd_layouts=True, per_step=None, device="cpu",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import assert_same_steps
 from tests.variants import class_params
 
 BOTH = pytest.mark.parametrize("cls", class_params(by_id=True))  # every variant
@@ -48,10 +49,7 @@ def test_scaled_gradients_step_exactly_like_unscaled_ones(cls, fused, weight_dec
         amp.grad_scale, amp.found_inf = scale, torch.tensor(0.0)
         amp.step(loss=losses)
         del amp.grad_scale, amp.found_inf
-    for a, b in zip(ref_p, amp_p):
-        assert torch.equal(a, b)
-    for key, value in ref.filter_state.items():
-        assert torch.equal(amp.filter_state[key], value), key
+    assert_same_steps(ref, ref_p, amp, amp_p)
 
 
 @BOTH

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from koala_triton import KoalaM
+from tests.helpers import assert_same_steps
 from tests.variants import class_params
 
 BOTH = pytest.mark.parametrize("cls", class_params(by_id=True))  # every variant
@@ -37,13 +38,6 @@ def _grads(params, gen):
     return [torch.randn(p.shape, generator=gen) for p in params]
 
 
-def _assert_same(opt_a, pa, opt_b, pb):
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-    for key, value in opt_a.filter_state.items():
-        assert torch.equal(opt_b.filter_state[key], value), key
-
-
 @BOTH
 def test_observe_then_step_is_step_with_the_loss(cls, fused):
     ref, rp, opt, op = _pair(cls, fused)
@@ -57,7 +51,7 @@ def test_observe_then_step_is_step_with_the_loss(cls, fused):
         ref.step(loss=losses)
         opt.observe(losses)
         assert opt.step() is None
-    _assert_same(ref, rp, opt, op)
+    assert_same_steps(ref, rp, opt, op)
 
 
 @BOTH
@@ -84,7 +78,7 @@ def test_observations_of_one_update_are_combined(cls, fused):
             opt.observe(m1, v1)
             opt.observe(m2, v2)
         opt.step()
-    _assert_same(ref, rp, opt, op)
+    assert_same_steps(ref, rp, opt, op)
     with pytest.raises(ValueError, match="cannot be combined"):
         opt.observe(torch.rand(3))
         opt.observe(torch.tensor(0.5), torch.tensor(0.3))
@@ -110,7 +104,7 @@ def test_step_with_a_closure_uses_the_losses_the_closure_observed(cls, fused):
             p.grad = g.clone()
         ref.step(loss=losses)
         assert torch.equal(opt.step(closure), losses.mean())
-    _assert_same(ref, rp, opt, op)
+    assert_same_steps(ref, rp, opt, op)
 
 
 def test_the_loss_is_handed_over_one_way_and_its_absence_is_a_clear_error():
@@ -150,7 +144,7 @@ def test_predict_is_idempotent_within_an_iteration(cls, fused):
                 p.grad = g.clone()
         ref.step(loss=losses)
         opt.step(lambda: losses)  # step(closure) does not predict again either
-    _assert_same(ref, rp, opt, op)
+    assert_same_steps(ref, rp, opt, op)
 
 
 @BOTH
@@ -175,7 +169,7 @@ def test_the_loss_floor_shifts_the_observed_loss_and_counts_steps_below_it(cls, 
                 p.grad = g.clone()
         shifted_ref.step(loss=losses - floor)
         opt.step(loss=losses)
-    _assert_same(shifted_ref, rp, opt, op)
+    assert_same_steps(shifted_ref, rp, opt, op)
     expected = sum(1 for i, m in enumerate(means) if m < floor and i != 3)
     assert int(opt.filter_state["below_floor_steps"]) == expected
     assert int(opt.filter_state["skipped_steps"]) == 1

@@ -28,6 +28,7 @@ from tests.helpers import (  # noqa: E402
     ULP,
     assert_close_scaled,
     assert_state_close_scaled,
+    check_one_element_model,
     clone_params,
     compare_states,
     groups,
@@ -271,20 +272,4 @@ def test_gpu_int64_addressing():
 def test_gpu_models_of_one_element_match_pytorch_path(case):
     """One element in all (every integer argument equal to 1 is a compile-time constant) and a
     step without any gradient (the filter kernel's no-tensor launch)."""
-    tri_p = [torch.randn((), device=DEVICE, requires_grad=True)]
-    ref_p = [tri_p[0].detach().clone().requires_grad_()]
-    tri = case.cls(tri_p, fused=True, **case.kwargs)
-    ref = case.cls(ref_p, fused=False, **case.twin_kwargs)
-    gen = torch.Generator(device=DEVICE).manual_seed(8)
-    for step in range(4):
-        tri.predict()
-        ref.predict()
-        g = None if step == 2 else torch.randn((), device=DEVICE, generator=gen)
-        tri_p[0].grad, ref_p[0].grad = g, None if g is None else g.clone()
-        loss = torch.rand(4, device=DEVICE, generator=gen)
-        tri.step(loss=loss)
-        ref.step(loss=loss)
-    with posterior_weights(tri, case.fold):
-        assert_close_scaled(tri_p[0], ref_p[0], 1e-5, "weight")
-    for key in case.variant.state_keys:
-        assert_close_scaled(tri.state[tri_p[0]][key], ref.state[ref_p[0]][key], 1e-5, key)
+    check_one_element_model(case, (), DEVICE)

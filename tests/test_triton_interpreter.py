@@ -48,6 +48,7 @@ from tests.helpers import (  # noqa: E402
     assert_close_scaled,
     assert_state_close_scaled,
     assign,
+    check_one_element_model,
     clone_params,
     compare_states,
     grads_for_step,
@@ -55,7 +56,6 @@ from tests.helpers import (  # noqa: E402
     losses_for_step,
     magnitude,
     make_params,
-    posterior_weights,
     round_bf16_like_the_gpu,
     run_pair,
 )
@@ -546,23 +546,7 @@ def test_models_of_one_element_match_pytorch_path(case, shape):
     """All parameters together hold one element (compiled Triton makes every integer argument
     equal to 1 a constant; ``tests/compiled_typing.py`` does the same here), with a step
     without a gradient in between. CPU twin of the dry-launch test of the same name."""
-    params = [torch.randn(shape, dtype=torch.float32).requires_grad_()]
-    ref_params = clone_params(params)
-    tri = case.cls(params, fused=True, **case.kwargs)
-    ref = case.cls(ref_params, fused=False, **case.twin_kwargs)
-    gen = torch.Generator().manual_seed(8)
-    for step in range(4):
-        tri.predict()
-        ref.predict()
-        g = None if step == 2 else torch.randn(shape, generator=gen)
-        params[0].grad, ref_params[0].grad = g, None if g is None else g.clone()
-        loss = torch.rand(4, generator=gen)
-        tri.step(loss=loss)
-        ref.step(loss=loss)
-    with posterior_weights(tri, case.fold):
-        assert_close_scaled(params[0], ref_params[0], 1e-5, "weight")
-    for key in case.variant.state_keys:
-        assert_close_scaled(tri.state[params[0]][key], ref.state[ref_params[0]][key], 1e-5, key)
+    tri, ref = check_one_element_model(case, shape)
     if not case.fold:  # fold mode's filter already holds the next prior
         for key, value in ref.filter_state.items():
             torch.testing.assert_close(tri.filter_state[key].double(), value.double(), rtol=1e-6, atol=0.0)
