@@ -208,7 +208,7 @@ def filter_kernel(
                     cc = (Hv / hh - (Hh * hv) / (hh * hh)) + cc
                 vH = (ca * Hv + q * HH) + cc * Hh
                 S = (vH + q * HH) + noise
-                step = b_lr * reg_loss / S
+                step = b_lr * tl.where(ok, reg_loss, 0.0) / S  # a skipped lane's loss may be NaN
                 cb = tl.where(first, (ca * sigma + q) + cc, q)
                 ca = tl.where(first, 0.0, ca)
                 cc = tl.where(first, 0.0, cc)
