@@ -54,9 +54,10 @@ WORLD = 2
 RTOL = 1e-5
 #: The whole session's distributed runs (spawn, 2 ranks, every scenario) must end within this.
 TIMEOUT_S = 240
-#: ``koala_triton/examples/ddp.py`` runs: with FSDP2 inside the spawned ranks; as the README
-#: shows it (DDP, under torchrun) in ``test_the_readme_torchrun_example_runs``.
-EXAMPLE_ARGV = ("--fsdp", "--steps", "10")
+#: ``koala_triton/examples/ddp.py`` runs: with FSDP2 inside the spawned ranks (KoalaM, its
+#: default, and KoalaPlusPlus); as the README shows it (DDP, under torchrun) in
+#: ``test_the_readme_torchrun_example_runs``.
+EXAMPLE_ARGVS = {"M": ("--fsdp", "--steps", "10"), "PP": ("--fsdp", "--variant", "PP", "--steps", "10")}
 
 #: The scenarios this machine can run (the Triton path needs triton, for its interpreter).
 RUNNABLE = [name for name, s in SCENARIOS.items() if s.path == "torch" or importlib.util.find_spec("triton")]
@@ -70,7 +71,8 @@ _ONE_PROCESS: dict[tuple, Run] = {}  # one-process runs, shared by scenarios tha
 def spawned(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks returned (``distributed_scenarios.rank_main``; one spawn)."""
     directory = tmp_path_factory.mktemp("distributed")
-    results = run_ranks(rank_main, WORLD, directory, TIMEOUT_S, RUNNABLE, str(directory), (EXAMPLE_ARGV,))
+    results = run_ranks(rank_main, WORLD, directory, TIMEOUT_S, RUNNABLE, str(directory),
+                        tuple(EXAMPLE_ARGVS.values()))
     for result in results:
         compiled_typing.add_keys(result["compile_keys"])
     return results
@@ -177,8 +179,9 @@ def test_without_loss_reduction_ranks_diverge(name, runs, monkeypatch):
         assert _max_relative_gap(run.params, one.params) > 100 * RTOL
 
 
-def test_the_fsdp_example_trains_on_spawned_ranks(spawned):
-    losses = [result["examples"][0] for result in spawned]
+@pytest.mark.parametrize("index", range(len(EXAMPLE_ARGVS)), ids=list(EXAMPLE_ARGVS))
+def test_the_fsdp_example_trains_on_spawned_ranks(spawned, index):
+    losses = [result["examples"][index] for result in spawned]
     assert all(isinstance(loss, float) for loss in losses), losses  # else the error it raised
     assert losses[0] == losses[1] and math.isfinite(losses[0]) and losses[0] < 1.0
 

@@ -1,13 +1,13 @@
 """KOALA with torch.distributed: DDP (or FSDP2) takes the steps one process takes on the whole batch.
 
-    torchrun --standalone --nproc_per_node=2 -m koala_triton.examples.ddp [--fsdp] [--variant M|V] [--steps 100]
+    torchrun --standalone --nproc_per_node=2 -m koala_triton.examples.ddp [--fsdp] [--variant M|V|PP] [--steps 100]
 
 Each rank trains on its own share of every batch (a DistributedSampler's job in a real run).
 The optimizer reduces the loss statistics over the ranks by itself (one all-reduce of three
-float64 numbers per step; with ``--fsdp`` the sharded parameters' norms ride along), so the
-loop is the single-process README loop unchanged. Backend: nccl on GPUs (one per rank, from
-``LOCAL_RANK``), gloo on the CPU. At the end every rank checks that its filter is bit for bit
-the others'.
+float64 numbers per step; with ``--fsdp`` the sharded parameters' norms, and KOALA++'s dot
+products, ride along), so the loop is the single-process README loop unchanged. Backend: nccl
+on GPUs (one per rank, from ``LOCAL_RANK``), gloo on the CPU. At the end every rank checks that
+its filter (KOALA++: and its per-tensor filters) is bit for bit the others'.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from koala_triton import KoalaM, KoalaV
+from koala_triton import KoalaM, KoalaPlusPlus, KoalaV
+
+VARIANTS = {"M": KoalaM, "V": KoalaV, "PP": KoalaPlusPlus}
 
 
 def _model(device: torch.device) -> torch.nn.Module:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64, help="samples per step over all ranks")
-    parser.add_argument("--variant", choices=["M", "V"], default="M")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="M", help="KoalaM, KoalaV or KoalaPlusPlus")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
     args = parser.parse_args(argv)
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> float:
         fully_shard(model)
     else:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    opt = (KoalaM if args.variant == "M" else KoalaV)(model.parameters())
+    opt = VARIANTS[args.variant](model.parameters())
 
     share = args.batch // world
     loss = torch.zeros((), device=device)
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> float:
             if rank == 0:
                 print(f"step {step:4d}  loss {float(loss):.4f}")
 
-    values = torch.stack([v.double() for v in opt.filter_state.values()])
+    filters = {**opt.filter_state, **getattr(opt, "tensor_filters", {})}  # KOALA++: one filter per tensor too
+    values = torch.cat([v.double().reshape(-1) for v in filters.values()])
     gathered = [torch.empty_like(values) for _ in range(world)]
     dist.all_gather(gathered, values)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
